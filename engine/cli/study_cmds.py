@@ -1,0 +1,164 @@
+"""``import``, ``studies`` and ``study show``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..importer import import_paths
+from ..studies import detail, list_studies
+from .common import (
+    JsonOption,
+    console,
+    err_console,
+    human_bytes,
+    print_json,
+    print_table,
+    progress_reporter,
+    state,
+)
+
+study_app = typer.Typer(help="One study: show it, fetch it.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import")(import_cmd)
+    app.command("studies")(studies)
+    app.add_typer(study_app, name="study")
+
+
+def import_cmd(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (walked recursively).")],
+    to: Annotated[
+        str | None, typer.Option("--to", help="Image directory (default: the incoming one).")
+    ] = None,
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """Import DICOM files into an image directory, grouped into studies."""
+    vault = state(ctx).vault()
+    with progress_reporter("Importing") as progress:
+        summary = import_paths(vault, paths, to=to, progress=progress)
+    if json:
+        print_json(summary)
+        return
+    console.print(
+        f"Imported {summary.instances} instances in {summary.studies} studies "
+        f"({human_bytes(summary.bytes)}) into {summary.storage}; "
+        f"{summary.duplicates} duplicates, {len(summary.conflicts)} conflicts, "
+        f"{len(summary.skipped)} skipped."
+    )
+    for item in summary.conflicts:
+        err_console.print(f"conflict: {item.path}: {item.reason}", markup=False)
+    for item in summary.skipped:
+        err_console.print(f"skipped: {item.path}: {item.reason}", markup=False)
+
+
+def studies(
+    ctx: typer.Context,
+    patient: Annotated[str | None, typer.Option(help="Part of the patient name or ID.")] = None,
+    older_than_years: Annotated[
+        int | None, typer.Option(help="Study date older than N years.")
+    ] = None,
+    date_from: Annotated[
+        str | None, typer.Option("--from", help="First study date, YYYY-MM-DD.")
+    ] = None,
+    date_to: Annotated[
+        str | None, typer.Option("--to", help="Last study date, YYYY-MM-DD.")
+    ] = None,
+    status: Annotated[str | None, typer.Option(help="online, archived or fetched.")] = None,
+    storage: Annotated[str | None, typer.Option(help="Only studies in this storage.")] = None,
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """List studies, oldest first."""
+    vault = state(ctx).vault()
+    rows = list_studies(
+        vault,
+        patient=patient,
+        older_than_years=older_than_years,
+        date_from=date_from,
+        date_to=date_to,
+        status=status,
+        storage=storage,
+    )
+    if json:
+        print_json(list(rows))
+        return
+    table = [
+        (
+            r.patient_name.replace("^", " "),
+            r.patient_id,
+            r.study_date,
+            "/".join(r.modalities),
+            r.description,
+            r.instances,
+            human_bytes(r.size),
+            f"fetched until {r.fetched_until}" if r.status == "fetched" else r.status,
+            ", ".join(c.storage for c in r.copies),
+            r.study_uid,
+        )
+        for r in rows
+    ]
+    print_table(
+        [
+            "Patient",
+            "Patient ID",
+            "Date",
+            "Mod",
+            "Description",
+            "Inst",
+            "Size",
+            "Status",
+            "Location",
+            "Study UID",
+        ],
+        table,
+    )
+    console.print(f"{len(table)} studies")
+
+
+@study_app.command("show")
+def show(
+    ctx: typer.Context,
+    uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """Show one study: patient, status, locations, series."""
+    vault = state(ctx).vault()
+    d = detail(vault, uid)
+    if json:
+        print_json(d)
+        return
+    status = f"fetched until {d.fetched_until}" if d.status == "fetched" else d.status
+    lines = [
+        ("Study UID", d.study_uid),
+        (
+            "Patient",
+            f"{d.patient_name.replace('^', ' ')} (ID {d.patient_id or '-'}, "
+            f"born {d.patient_birth_date or '-'}, sex {d.patient_sex or '-'})",
+        ),
+        ("Study", f"{d.study_date or 'no date'} {d.study_time} {d.description}".strip()),
+        ("Accession", d.accession_number or "-"),
+        ("Instances", f"{d.instances} ({human_bytes(d.size)})"),
+        ("Status", status),
+    ]
+    for c in d.copies:
+        lines.append(("Location", f"{c.storage} ({c.role.replace('_', ' ')}): {c.location}"))
+    for label, value in lines:
+        console.print(f"{label + ':':<11} {value}", markup=False)
+    print_table(
+        ["Series", "Modality", "Description", "Instances", "Size", "Series UID"],
+        [
+            (
+                s.series_number,
+                s.modality,
+                s.description,
+                s.instances,
+                human_bytes(s.size),
+                s.series_uid,
+            )
+            for s in d.series
+        ],
+    )

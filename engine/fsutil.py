@@ -1,0 +1,141 @@
+"""Durable file operations: temp name on the same filesystem, fsync, rename, fsync dir."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO
+
+from .errors import StorageError, StorageFullError
+
+CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _raise_os(exc: OSError, path: Path) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFullError(f"{path}: no space left on the device") from exc
+    raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_os(exc, path)
+
+
+def copy_stream(src: IO[bytes], out: IO[bytes]) -> tuple[int, str]:
+    """Copy ``src`` to ``out``; return (bytes, SHA-256 hex) of what was copied."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := src.read(CHUNK):
+        digest.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def write_durably(path: Path, src: IO[bytes] | bytes) -> tuple[int, str]:
+    """Write a new file at ``path`` (via a temp name, fsynced, renamed); the caller
+    fsyncs the folder once for many files. Returns (bytes, SHA-256 hex)."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as out:
+            if isinstance(src, bytes | bytearray | memoryview):
+                out.write(src)
+                size, digest = len(src), hashlib.sha256(src).hexdigest()
+            else:
+                size, digest = copy_stream(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_os(exc, path)
+    return size, digest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_stream(src: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := src.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or folder if present, and make the removal durable."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    else:
+        return
+    if path.parent.exists():
+        fsync_dir(path.parent)
+
+
+def publish_folder(staging: Path, location: Path, old: Path) -> None:
+    """Move a verified staging folder (or file) to ``location``.
+
+    An existing study at ``location`` (a merge) is first renamed to ``old`` and removed
+    only once the new copy stands; :func:`recover_folder` undoes a half-done publish.
+    Calling it again after it completed does nothing.
+    """
+    if not staging.exists():
+        if location.exists():
+            remove_tree(old)
+            return
+        raise StorageError(f"{staging}: staging is missing and {location} does not exist")
+    location.parent.mkdir(parents=True, exist_ok=True)
+    if location.exists() and staging.is_dir():
+        remove_tree(old)
+        os.rename(location, old)
+    os.replace(staging, location)
+    fsync_dir(location.parent)
+    if staging.parent != location.parent:
+        fsync_dir(staging.parent)
+    # the new copy is published and durable: the replaced one can go
+    remove_tree(old)
+
+
+def recover_folder(staging: Path, location: Path, old: Path) -> None:
+    """Undo an unpublished attempt: put a replaced copy back, remove staging."""
+    if old.exists() and not location.exists():
+        os.rename(old, location)
+        fsync_dir(location.parent)
+    remove_tree(staging)
+    remove_tree(old)

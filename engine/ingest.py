@@ -1,0 +1,191 @@
+"""Taking new instances into an image directory and the index (import and receive).
+
+Files are written durably first; the index is committed in groups (many instances
+per write transaction) after the folders are fsynced, so an indexed instance always
+has its file on disk. An instance already stored with the same bytes is a duplicate
+and adds nothing; the same SOPInstanceUID with different bytes is a conflict,
+reported and never overwritten.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+from collections.abc import Callable
+from typing import IO
+
+import msgspec
+
+from .index import StudyIndex
+from .manager import PluginHost
+from .records import (
+    InstanceHeader,
+    InstanceRecord,
+    StudyRecord,
+    header_to_instance,
+    header_to_study,
+)
+from .storage import OnlineStorage
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+class Ingestor:
+    """Stores instances into one image directory and indexes them in groups.
+
+    :param index: the study index.
+    :param storage: the image directory that receives the instances.
+    :param plugins: for the ``study_received`` event after each commit.
+    :param source: ``"import"`` or ``"network:<AE>"``, passed to the event hook.
+    :param batch: commit after this many stored instances…
+    :param seconds: …or when the oldest uncommitted one is this old.
+    """
+
+    def __init__(
+        self,
+        index: StudyIndex,
+        storage: OnlineStorage,
+        plugins: PluginHost | None,
+        source: str,
+        *,
+        batch: int = 500,
+        seconds: float = 1.0,
+    ) -> None:
+        self.index = index
+        self.storage = storage
+        self.plugins = plugins
+        self.source = source
+        self.batch = batch
+        self.seconds = seconds
+        self._pending: list[tuple[InstanceHeader, InstanceRecord, str]] = []
+        self._pending_sops: dict[str, str] = {}  # sop uid -> sha256, not yet committed
+        self._first_pending = 0.0
+
+    def add(
+        self,
+        header: InstanceHeader,
+        src: IO[bytes] | bytes,
+        *,
+        digest_of: Callable[[], str] | None = None,
+    ) -> tuple[Outcome, str]:
+        """Store one instance unless it is a duplicate or a conflict.
+
+        :param header: the instance's header, already read.
+        :param src: the instance's bytes (or an open file positioned at 0).
+        :param digest_of: computes the SHA-256 of ``src`` without consuming it (used only
+            when the instance is already known); default hashes ``src`` itself.
+        :returns: the outcome and, for duplicates and conflicts, a reason.
+        """
+        known = self._pending_sops.get(header.sop_uid)
+        known_study = header.study_uid if known is not None else None
+        if known is None:
+            known_study = self.index.study_of_sop(header.sop_uid)
+            if known_study is not None:
+                record = self.index.get_instance(known_study, header.sop_uid)
+                known = record.sha256 if record else None
+        if known is not None:
+            digest = digest_of() if digest_of else _digest(src)
+            if digest == known and known_study == header.study_uid:
+                return Outcome.DUPLICATE, "already stored"
+            if known_study != header.study_uid:
+                return Outcome.CONFLICT, (
+                    f"SOPInstanceUID {header.sop_uid} is already stored in study {known_study}"
+                )
+            return Outcome.CONFLICT, (
+                f"SOPInstanceUID {header.sop_uid} is already stored with different content"
+            )
+        location, path, size, digest = self.storage.ingest(header.study_uid, header.sop_uid, src)
+        record = header_to_instance(header, size=size, sha256=digest, received=time.time())
+        record.paths = {self.storage.id: path}
+        if not self._pending:
+            self._first_pending = time.monotonic()
+        self._pending.append((header, record, location))
+        self._pending_sops[header.sop_uid] = digest
+        if (
+            len(self._pending) >= self.batch
+            or time.monotonic() - self._first_pending > self.seconds
+        ):
+            self.commit()
+        return Outcome.STORED, ""
+
+    def commit(self) -> list[StudyRecord]:
+        """Make the stored files' folders durable, then index them in one transaction."""
+        if not self._pending:
+            return []
+        self.storage.flush()
+        pending, self._pending = self._pending, []
+        self._pending_sops.clear()
+        storage_id = self.storage.id
+
+        def body(writer: object) -> list[StudyRecord]:
+            from .index import IndexWriter
+
+            assert isinstance(writer, IndexWriter)
+            studies: dict[str, tuple[StudyRecord, StudyRecord | None]] = {}
+            for header, record, location in pending:
+                if header.study_uid not in studies:
+                    previous = writer.get_study(header.study_uid)
+                    current = (
+                        msgspec.structs.replace(
+                            previous,
+                            copies=dict(previous.copies),
+                            modalities=list(previous.modalities),
+                        )
+                        if previous is not None
+                        else header_to_study(header)
+                    )
+                    studies[header.study_uid] = (current, previous)
+                study = studies[header.study_uid][0]
+                _fill_missing(study, header)
+                study.copies[storage_id] = location
+                study.instance_count += 1
+                study.size += record.size
+                study.last_received = max(study.last_received, record.received)
+                if record.modality and record.modality not in study.modalities:
+                    study.modalities.append(record.modality)
+                writer.put_instance(record)
+            for study, previous in studies.values():
+                writer.put_study(study, previous)
+            return [study for study, _ in studies.values()]
+
+        committed = self.index.apply(body)
+        if self.plugins is not None:
+            for study in committed:
+                self.plugins.notify(
+                    "study_received", study=study, storage=self.storage, source=self.source
+                )
+        return committed
+
+
+def _fill_missing(study: StudyRecord, header: InstanceHeader) -> None:
+    """Take study attributes from a later instance when the first one lacked them."""
+    for field in (
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "patient_sex",
+        "study_date",
+        "study_time",
+        "study_id",
+        "study_description",
+        "accession_number",
+        "specific_character_set",
+    ):
+        if not getattr(study, field) and getattr(header, field):
+            setattr(study, field, getattr(header, field))
+
+
+def _digest(src: IO[bytes] | bytes) -> str:
+    if isinstance(src, bytes | bytearray | memoryview):
+        return hashlib.sha256(src).hexdigest()
+    position = src.tell()
+    digest = hashlib.sha256()
+    while chunk := src.read(1 << 20):
+        digest.update(chunk)
+    src.seek(position)
+    return digest.hexdigest()

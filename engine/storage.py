@@ -1,0 +1,198 @@
+"""The storage interface every backend (storage kind) implements.
+
+A storage is either an *image directory* (online: live studies) or an *archive*
+(nearline). The engine owns the index and the transfer protocol; a backend only
+reads and writes files in its own format. A backend never writes the index.
+
+Transfers go through staging so that a study appears in a storage only when it is
+complete: :meth:`Storage.plan_store` picks the study's final location and a staging
+name, :meth:`Storage.write_staging` writes every file there durably,
+the engine verifies the staged files through :meth:`Storage.open_file`,
+:meth:`Storage.publish` makes the study visible atomically, and
+:meth:`Storage.discard_staging` throws away an unpublished attempt.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, ClassVar
+
+import msgspec
+
+from .records import InstanceRecord, StudyRecord
+
+#: Opens one instance's bytes for reading (the source side of a store).
+Opener = Callable[[], IO[bytes]]
+
+
+class Role(StrEnum):
+    """Which tier a storage kind serves."""
+
+    IMAGE_DIRECTORY = "image_directory"
+    ARCHIVE = "archive"
+
+
+class Status(StrEnum):
+    """A storage's state, as shown in lists."""
+
+    ONLINE = "Online"
+    UNMOUNTED = "Unmounted"  # by the admin: nothing stored or fetched
+    OFFLINE = "Offline"  # folder or endpoint unreachable
+
+
+class StorageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields every storage has in the config file. Kinds subclass it."""
+
+    name: str
+    id: str = ""  # written by studyvault when the storage is created; matches its key file
+    path: str = ""
+    min_free_mb: int = 0
+
+
+class StorePlan(msgspec.Struct, kw_only=True):
+    """Where a study will be stored, decided before anything is written.
+
+    Recorded in the journal so a killed run finds its staging again.
+    """
+
+    location: str  # final location of the study inside the storage
+    staging: str  # staging name inside the storage (same filesystem)
+    paths: dict[str, str]  # SOPInstanceUID -> path relative to the location
+
+
+class Storage(ABC):
+    """Base class of storage kinds. Register subclasses with
+    :func:`~studyvault.hookspecs.studyvault_register_storage_kinds`.
+
+    :param config: the storage's config entry, an instance of :attr:`config_type`.
+    :param base: folder that relative paths in the config are relative to.
+    """
+
+    kind: ClassVar[str]
+    role: ClassVar[Role]
+    config_type: ClassVar[type[StorageConfig]] = StorageConfig
+
+    def __init__(self, config: StorageConfig, base: Path | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.id = config.id
+        path = Path(config.path).expanduser()
+        self.root = path if path.is_absolute() or base is None else base / path
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} at {self.root}>"
+
+    # -- identity and state -------------------------------------------------------
+    @abstractmethod
+    def create(self) -> str:
+        """Make a new, empty storage at :attr:`root` and return its new id.
+
+        Refuses a folder that holds files but no key of this kind.
+        """
+
+    @abstractmethod
+    def status(self) -> Status:
+        """Online when the storage can be read and written now."""
+
+    def describe(self) -> str:
+        """One line for lists, e.g. the location and options."""
+        return str(self.root)
+
+    def free_bytes(self) -> int:
+        """Bytes free for new studies (0 when unreachable)."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return 0
+
+    def check_room(self, nbytes: int) -> None:
+        """Raise :class:`~studyvault.errors.StorageFullError` when storing ``nbytes``
+        would leave less than the configured reserve."""
+        from .errors import StorageFullError
+
+        reserve = self.config.min_free_mb * 1024 * 1024
+        free = self.free_bytes()
+        if free - nbytes < reserve:
+            raise StorageFullError(
+                f"{self.name} is full: storing {nbytes / 1e6:.1f} MB would leave "
+                f"{max(free - nbytes, 0) / 1e6:.1f} MB free, below its reserve of "
+                f"{self.config.min_free_mb} MB"
+            )
+
+    # -- storing studies (staging, then publish) ----------------------------------
+    @abstractmethod
+    def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
+        """Choose the study's location, a staging name and each instance's path.
+
+        Must not write anything. If the study already has a location here (a merge on
+        return), reuse it.
+        """
+
+    @abstractmethod
+    def write_staging(
+        self,
+        plan: StorePlan,
+        study: StudyRecord,
+        instances: Iterable[tuple[InstanceRecord, Opener]],
+    ) -> None:
+        """Write every instance (and any per-study files) into staging, durably
+        (fsync files and folders). Called again after a crash: start afresh."""
+
+    @abstractmethod
+    def publish(self, plan: StorePlan) -> None:
+        """Make the staged, verified study visible at ``plan.location`` atomically
+        (replacing a previous copy at that location, for a merge), durably. Called again
+        after a crash: when staging is gone and the location stands, do nothing."""
+
+    @abstractmethod
+    def discard_staging(self, plan: StorePlan) -> None:
+        """Remove an unpublished staging attempt, if any, restoring a previous copy a
+        half-done :meth:`publish` had moved aside. Idempotent."""
+
+    # -- reading ------------------------------------------------------------------
+    @abstractmethod
+    def open_file(self, location: str, path: str) -> IO[bytes]:
+        """Open one instance of the study at ``location`` (a published location or a
+        staging name) for reading."""
+
+    @abstractmethod
+    def iter_studies(self) -> Iterator[str]:
+        """Yield the location of every published study (for rebuild and check)."""
+
+    @abstractmethod
+    def iter_files(self, location: str) -> Iterator[tuple[str, Opener]]:
+        """Yield (path, opener) for every instance file of the study at ``location``."""
+
+    # -- removing -----------------------------------------------------------------
+    @abstractmethod
+    def remove_study(self, location: str) -> None:
+        """Delete the study at ``location``. Idempotent. The engine calls it only after
+        a verified copy elsewhere is committed in the index, or for a confirmed delete."""
+
+
+class OnlineStorage(Storage):
+    """An image directory kind: it also takes instances one by one (import, receive)."""
+
+    role = Role.IMAGE_DIRECTORY
+
+    @abstractmethod
+    def ingest(
+        self, study_uid: str, sop_uid: str, src: IO[bytes] | bytes
+    ) -> tuple[str, str, int, str]:
+        """Store one instance durably (the file itself fsynced; call :meth:`flush` before
+        committing the index). Replaces an earlier file of the same instance.
+
+        :returns: (study location, path within it, size in bytes, SHA-256 hex).
+        """
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make the folder entries of everything ingested since the last flush durable."""
+
+    @abstractmethod
+    def ingested_path(self, study_uid: str, sop_uid: str) -> tuple[str, str]:
+        """(location, path) an instance gets when ingested; nothing is written."""

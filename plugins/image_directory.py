@@ -1,0 +1,180 @@
+"""The built-in image directory: online storage for live studies.
+
+Layout below the root (private to studyvault)::
+
+    image_directory.key              TOML: id, name, created, format version
+    studies/<hh>/<StudyUID>/<SOPUID>.dcm
+    staging/<token>/                 transfers in progress (same filesystem)
+
+``<hh>`` is two hex digits of the study UID's SHA-1, to keep folders small. A UID that
+is not plain digits and dots is replaced by a hash, so no value from a DICOM file is
+ever used raw as a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from studyvault import hookimpl
+from studyvault.errors import StorageError
+from studyvault.fsutil import (
+    fsync_dir,
+    publish_folder,
+    recover_folder,
+    remove_tree,
+    write_durably,
+)
+from studyvault.keyfile import folder_is_empty, read_key, write_key
+from studyvault.records import InstanceRecord, StudyRecord
+from studyvault.storage import OnlineStorage, Opener, Status, StorePlan
+
+KEY_NAME = "image_directory.key"
+_UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def uid_component(uid: str) -> str:
+    """A file-name-safe form of a UID: itself when it is digits and dots, else a hash."""
+    if _UID_RE.match(uid) and ".." not in uid:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class ImageDirectory(OnlineStorage):
+    """A folder holding live studies."""
+
+    kind = "image_directory"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._dirty: set[Path] = set()
+
+    # -- identity -------------------------------------------------------------------
+    @property
+    def key_path(self) -> Path:
+        return self.root / KEY_NAME
+
+    def create(self) -> str:
+        if self.key_path.exists():
+            return read_key(self.key_path)["id"]
+        if not folder_is_empty(self.root):
+            raise StorageError(
+                f"{self.root}: folder is not empty and has no {KEY_NAME}; "
+                "choose an empty or new folder"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "studies").mkdir(exist_ok=True)
+        new_id = write_key(
+            self.key_path, {"name": self.name, "kind": self.kind}, new_id=self.id or None
+        )
+        fsync_dir(self.root)
+        return new_id
+
+    def status(self) -> Status:
+        try:
+            key = read_key(self.key_path)
+        except StorageError:
+            return Status.OFFLINE
+        if self.id and key["id"] != self.id:
+            return Status.OFFLINE
+        return Status.ONLINE
+
+    # -- ingest ---------------------------------------------------------------------
+    def ingested_path(self, study_uid: str, sop_uid: str) -> tuple[str, str]:
+        return self._location(study_uid), uid_component(sop_uid) + ".dcm"
+
+    def _location(self, study_uid: str) -> str:
+        shard = hashlib.sha1(study_uid.encode("utf-8", "surrogateescape")).hexdigest()[:2]
+        return f"studies/{shard}/{uid_component(study_uid)}"
+
+    def ingest(
+        self, study_uid: str, sop_uid: str, src: IO[bytes] | bytes
+    ) -> tuple[str, str, int, str]:
+        location, path = self.ingested_path(study_uid, sop_uid)
+        folder = self.root / location
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            self._dirty.update({folder.parent, folder.parent.parent})
+        size, digest = write_durably(folder / path, src)
+        self._dirty.add(folder)
+        return location, path, size, digest
+
+    def flush(self) -> None:
+        # deepest first, so a new study folder's entry is durable after its files
+        for folder in sorted(self._dirty, key=lambda p: len(p.parts), reverse=True):
+            if folder.exists():
+                fsync_dir(folder)
+        self._dirty.clear()
+
+    # -- transfers ------------------------------------------------------------------
+    def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
+        return StorePlan(
+            location=self._location(study.study_uid),
+            staging=f"staging/{uuid.uuid4().hex}",
+            paths={i.sop_uid: uid_component(i.sop_uid) + ".dcm" for i in instances},
+        )
+
+    def write_staging(
+        self,
+        plan: StorePlan,
+        study: StudyRecord,
+        instances: Iterable[tuple[InstanceRecord, Opener]],
+    ) -> None:
+        staging = self.root / plan.staging
+        remove_tree(staging)
+        staging.mkdir(parents=True)
+        for inst, opener in instances:
+            with opener() as src:
+                write_durably(staging / plan.paths[inst.sop_uid], src)
+        fsync_dir(staging)
+        fsync_dir(staging.parent)
+
+    def publish(self, plan: StorePlan) -> None:
+        publish_folder(
+            self.root / plan.staging, self.root / plan.location, self.root / (plan.staging + ".old")
+        )
+
+    def discard_staging(self, plan: StorePlan) -> None:
+        recover_folder(
+            self.root / plan.staging, self.root / plan.location, self.root / (plan.staging + ".old")
+        )
+
+    # -- reading --------------------------------------------------------------------
+    def open_file(self, location: str, path: str) -> IO[bytes]:
+        return open(self.root / location / path, "rb")
+
+    def iter_studies(self) -> Iterator[str]:
+        studies = self.root / "studies"
+        if not studies.is_dir():
+            return
+        for shard in sorted(studies.iterdir()):
+            if shard.is_dir():
+                for study in sorted(shard.iterdir()):
+                    if study.is_dir():
+                        yield f"studies/{shard.name}/{study.name}"
+
+    def iter_files(self, location: str) -> Iterator[tuple[str, Opener]]:
+        folder = self.root / location
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and not entry.name.startswith("."):
+                path = Path(entry.path)
+                yield entry.name, (lambda p=path: open(p, "rb"))
+
+    def staging_leftovers(self) -> list[str]:
+        staging = self.root / "staging"
+        return sorted(f"staging/{p.name}" for p in staging.iterdir()) if staging.is_dir() else []
+
+    # -- removing -------------------------------------------------------------------
+    def remove_study(self, location: str) -> None:
+        folder = self.root / location
+        remove_tree(folder)
+
+
+@hookimpl
+def studyvault_register_storage_kinds(register):  # type: ignore[no-untyped-def]
+    register(ImageDirectory)

@@ -1,0 +1,67 @@
+"""Fixtures: a fresh studyvault set-up in tmp_path and a way to run its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from studyvault.cli import main
+from studyvault.manager import reset_plugins
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]):
+    """Run ``studyvault ARGS`` in this process; returns exit code, stdout, stderr."""
+
+    def _run(*args: object) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return _run
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run) -> Path:
+    """A studyvault set up with `studyvault init` in tmp_path/vault, used by default."""
+    folder = tmp_path / "vault"
+    monkeypatch.delenv("STUDYVAULT_CONFIG", raising=False)
+    monkeypatch.setenv("STUDYVAULT_HOME", str(tmp_path / "default-home"))
+    result = run("init", folder)
+    assert result.code == 0, result.err
+    monkeypatch.setenv("STUDYVAULT_CONFIG", str(folder / "studyvault.toml"))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("STUDYVAULT_BLOCK_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+os.environ.setdefault("COLUMNS", "200")
