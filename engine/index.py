@@ -251,14 +251,16 @@ class StudyIndex:
         storage: str | None = None,
         include_undated: bool = True,
     ) -> Iterator[StudyRecord]:
-        """Stream studies, oldest study date first (undated ones first of all).
+        """Stream studies, oldest study date first (undated ones first of all); with only
+        ``storage`` given, in UID order.
 
         :param date_from: first study date (YYYYMMDD) to include.
         :param date_to: last study date (YYYYMMDD) to include.
         :param storage: only studies with a copy in this storage id.
         :param include_undated: include studies without a valid study date.
         """
-        if storage is not None:
+        if storage is not None and date_from is None and date_to is None:
+            # no date limit: the storage's own key range is the short way
             for key, _ in self._scan("by_storage", _k(storage) + SEP):
                 study = self.get_study(key.split(SEP, 1)[1].decode("utf-8", "surrogateescape"))
                 if study is not None and _date_ok(study, date_from, date_to, include_undated):
@@ -276,7 +278,7 @@ class StudyIndex:
             if date != NO_DATE and date_from and date < date_from:
                 continue
             study = self.get_study(key[9:].decode("utf-8", "surrogateescape"))
-            if study is not None:
+            if study is not None and (storage is None or storage in study.copies):
                 yield study
 
     def count_storage(self, storage: str) -> tuple[int, int]:

@@ -83,20 +83,26 @@ class StudyRecord(msgspec.Struct, kw_only=True):
 class JournalEntry(msgspec.Struct, kw_only=True):
     """A study operation in flight, so a killed run resumes where it stopped.
 
-    ``phase`` is ``"started"`` (intent recorded; staging may exist) or ``"committed"``
-    (the index points at the new copy; the source remains to be removed).
+    ``phase`` is ``"started"`` (intent recorded; staging may exist: discard it),
+    ``"verified"`` (the staged copy matched every SHA-256: publish and commit it) or
+    ``"committed"`` (the index points at the new copy: remove the source copy).
     """
 
-    op: str  # "archive" | "move" | "move-out" | "fetch" | "return" | "delete"
+    op: str  # "archive" | "move" | "move-out" | "fetch" | "return" | "delete" | ...
     study_uid: str
     source: str  # storage id
-    destination: str | None  # storage id, None for delete
+    source_location: str  # the study's location in the source
+    destination: str | None = None  # storage id, None for delete
     location: str | None = None  # destination location planned before staging
     staging: str | None = None  # destination staging name planned before staging
+    paths: dict[str, str] = {}  # SOPInstanceUID -> path in the destination
     phase: str = "started"
     started: float = 0.0
+    pid: int = 0  # process doing the work; a live one's entry is not replayed
     task: str | None = None
     keep_source: bool = False  # fetch keeps the archive copy
+    keep_in_list: bool = True  # False: the study leaves the study list (move out)
+    fetched_until: str | None = None  # set on the study when a fetch commits
 
 
 def header_to_study(header: InstanceHeader) -> StudyRecord:

@@ -47,6 +47,9 @@ def _register() -> None:
     setup_cmds.register(app)
     study_cmds.register(app)
     storage_cmds.register(app)
+    from . import task_cmds
+
+    task_cmds.register(app)
 
 
 _register()

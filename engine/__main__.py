@@ -1,0 +1,5 @@
+"""``python -m studyvault``."""
+
+from .cli import main
+
+main()
