@@ -30,6 +30,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pydicom.charset import convert_encodings, decode_bytes, default_encoding
@@ -49,7 +50,7 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # a DICOMDIR
 
 _PREFIX_LEN = 132  # 128-byte preamble + b"DICM"
-_BUFFER_SIZE = 16384  # a typical header (up to Instance Number) fits in one read
+_CHUNK = 16384  # read first; a header up to Instance Number is rarely longer
 _MAX_INFLATED = 64 * 1024 * 1024  # a deflated header is at the start; bounds a zip bomb
 
 # Tags read from the data set. (0008,0005) Specific Character Set is always added by
@@ -107,16 +108,18 @@ _VRS_32BIT_LENGTH = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _MAX_FIRST_LENGTH = 0x10000  # the first element of a bare data set is small
 _PADDING = " \x00"
-_VALID_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_VALID_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _INTEGER = re.compile(rb"[+-]?[0-9]{1,12}")
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1  # the range of an IS value
 
 
 def is_valid_uid(uid: str) -> bool:
-    """Tell whether `uid` follows PS3.5 9.1: at most 64 characters, digits and dots.
+    """Tell whether `uid` is at most 64 characters of digits and single dots (PS3.5 9.1).
 
-    :func:`read_header` accepts invalid UIDs; anything that builds a path or a file name
-    from a UID must call this first and sanitise or hash the UID when it returns False.
+    Such a UID is safe as a path component. Leading zeros in a component, which PS3.5
+    forbids but real files carry, are tolerated. :func:`read_header` accepts any UID;
+    anything that builds a path or a file name from a UID must call this first and
+    sanitise or hash the UID when it returns False.
 
     :param uid: a UID as stored in an :class:`~studyvault.records.InstanceHeader`.
     :returns: True when `uid` is a well-formed UID.
@@ -134,9 +137,9 @@ def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
     :returns: True when the file starts like a DICOM file.
     :raises OSError: when the file cannot be opened or read.
     """
-    with open(path, "rb", buffering=0) as fp:
+    with open(path, "rb") as fp:
         head = fp.read(_PREFIX_LEN)
-    return head[128:_PREFIX_LEN] == b"DICM" or _sniff_bare(head) is not None
+    return head[128:_PREFIX_LEN] == b"DICM" or _looks_bare(head)
 
 
 def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
@@ -149,12 +152,19 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
         is one line, ``<path>: <reason>``.
     :raises OSError: when the file cannot be opened or read (the path is in the error).
     """
-    name = os.fspath(path)
+    name = str(os.fspath(path))
     try:
-        with open(path, "rb", buffering=_BUFFER_SIZE) as fp:
-            return _read(fp, os.fstat(fp.fileno()).st_size, str(name), None)
+        with open(path, "rb", buffering=_CHUNK) as fp:
+            size = os.fstat(fp.fileno()).st_size
+            head = fp.read(_CHUNK)
+
+            def whole() -> BinaryIO:
+                fp.seek(0)
+                return fp
+
+            return _read(head, size, name, None, whole)
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(name)) from exc
+        raise OSError(exc.errno, exc.strerror or str(exc), name) from exc
 
 
 def read_header_bytes(
@@ -176,44 +186,45 @@ def read_header_bytes(
     :returns: the attributes studyvault indexes.
     :raises NotDicomError: as :func:`read_header` does.
     """
-    view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
-    stream = io.BytesIO(view)
-    return _read(stream, len(view), name, transfer_syntax)
+    view = memoryview(data).cast("B")
+    head = bytes(view[:_CHUNK])
+    return _read(head, len(view), name, transfer_syntax, lambda: io.BytesIO(view))
 
 
-def _read(fp: BinaryIO, size: int, name: str, ts_hint: str | None) -> InstanceHeader:
-    head = fp.read(_PREFIX_LEN)
+class _NeedMore(Exception):
+    """The first chunk of the data does not hold the whole header."""
+
+
+def _read(
+    head: bytes, size: int, name: str, ts_hint: str | None, whole: Callable[[], BinaryIO]
+) -> InstanceHeader:
+    """Read the header from `head`, the first bytes of the data, or else from `whole`.
+
+    Parsing an in-memory chunk avoids a system call per element (``tell()`` on a
+    buffered file asks the kernel); the whole data is read only when the header does not
+    fit in the chunk, or the chunk's answer is an error (the whole data then gives the
+    real one).
+    """
     if not head:
         raise NotDicomError(f"{name}: not a DICOM file (empty)")
     if head[128:_PREFIX_LEN] == b"DICM":
         start, has_meta = _PREFIX_LEN, True
-    elif _sniff_bare(head) is not None:
+    elif _looks_bare(head):
         start, has_meta = 0, True  # file meta without preamble, or none at all
     elif ts_hint and len(head) >= 8:
         start, has_meta = 0, False  # the caller vouches for a bare (maybe deflated) set
     else:
         raise NotDicomError(f"{name}: not a DICOM file (no DICM prefix and no DICOM data set)")
-    fp.seek(start)
+    if len(head) < size:
+        try:
+            return _parse(io.BytesIO(head), len(head), name, ts_hint, start, has_meta, True)
+        except Exception:
+            pass  # any failure is decided on the whole data, which gives the real reason
+        stream = whole()
+    else:
+        stream = io.BytesIO(head)
     try:
-        meta = _read_file_meta(fp, size, name) if has_meta else {}
-        if meta.get(_META_SOP_CLASS_UID) == MEDIA_STORAGE_DIRECTORY_STORAGE:
-            raise NotDicomError(f"{name}: a DICOMDIR (file-set directory), not an instance")
-        transfer_syntax = meta.get(_META_TRANSFER_SYNTAX) or ts_hint or ""
-        if fp.tell() >= size:
-            raise NotDicomError(f"{name}: truncated DICOM header (no data set)")
-        if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-            inflated = _inflate(fp, name)
-            fp, size = io.BytesIO(inflated), len(inflated)
-        data_start = fp.tell()
-        implicit, little = _encoding(fp.read(8), transfer_syntax)
-        fp.seek(data_start)
-        values = _read_elements(fp, size, implicit, little, _LAST_TAG, name)
-        if values is None:
-            # Reading stopped after Instance Number without both UIDs: the elements are
-            # out of order, so look further, up to the pixel data.
-            fp.seek(data_start)
-            values = _read_elements(fp, size, implicit, little, _BEFORE_PIXELS, name) or {}
-        return _header(values, meta, transfer_syntax, implicit, little, name)
+        return _parse(stream, size, name, ts_hint, start, has_meta, False)
     except NotDicomError:
         raise
     except OSError as exc:
@@ -232,14 +243,53 @@ def _read(fp: BinaryIO, size: int, name: str, ts_hint: str | None) -> InstanceHe
         ) from exc
 
 
-def _sniff_bare(head: bytes) -> tuple[bool, bool] | None:
-    """Return (implicit VR, little endian) if `head` starts like a bare data set.
+def _parse(
+    fp: BinaryIO,
+    size: int,
+    name: str,
+    ts_hint: str | None,
+    start: int,
+    has_meta: bool,
+    partial: bool,
+) -> InstanceHeader:
+    """Parse file meta and data set from `fp`, whose data ends at `size`.
+
+    :param partial: `fp` holds only the first `size` bytes of the data: raise
+        :class:`_NeedMore` where the rest might be needed.
+    """
+    fp.seek(start)
+    meta = _read_file_meta(fp, size, name) if has_meta else {}
+    if meta.get(_META_SOP_CLASS_UID) == MEDIA_STORAGE_DIRECTORY_STORAGE:
+        raise NotDicomError(f"{name}: a DICOMDIR (file-set directory), not an instance")
+    transfer_syntax = meta.get(_META_TRANSFER_SYNTAX) or ts_hint or ""
+    if fp.tell() >= size:
+        raise NotDicomError(f"{name}: truncated DICOM header (no data set)")
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        if partial:
+            raise _NeedMore
+        inflated = _inflate(fp, name)
+        fp, size = io.BytesIO(inflated), len(inflated)
+    data_start = fp.tell()
+    implicit, little = _encoding(fp.read(8), transfer_syntax)
+    fp.seek(data_start)
+    values = _read_elements(fp, size, implicit, little, _LAST_TAG, name, partial)
+    if values is None:
+        # Reading stopped after Instance Number without both UIDs: the elements are out
+        # of order, so look further, up to the pixel data.
+        fp.seek(data_start)
+        values = _read_elements(fp, size, implicit, little, _BEFORE_PIXELS, name, partial)
+    return _header(values or {}, meta, transfer_syntax, implicit, little, name)
+
+
+def _looks_bare(head: bytes) -> bool:
+    """Tell whether `head` starts like a data set (or file meta) without preamble.
 
     The first element must be in group 0x0002 (file meta, always explicit VR little
-    endian) or 0x0008, with an even, modest length.
+    endian) or 0x0008, implicit or explicit VR, little or big endian (big endian exists
+    only with explicit VR), with a modest length.
     """
     if len(head) < 8:
-        return None
+        return False
     explicit = head[4:6] in _VRS
     group_le, group_be = head[0] | head[1] << 8, head[0] << 8 | head[1]
     if group_le == 0x0008 or (group_le == 0x0002 and explicit):
@@ -247,15 +297,11 @@ def _sniff_bare(head: bytes) -> tuple[bool, bool] | None:
             length = _explicit_length(head, "<")
         else:
             length = struct.unpack_from("<L", head, 4)[0]
-        little = True
-    elif group_be == 0x0008 and explicit:  # big endian exists only with explicit VR
+    elif group_be == 0x0008 and explicit:
         length = _explicit_length(head, ">")
-        little = False
     else:
-        return None
-    if length is None or length % 2 or length >= _MAX_FIRST_LENGTH:
-        return None
-    return (not explicit, little)
+        return False
+    return length is not None and length < _MAX_FIRST_LENGTH
 
 
 def _explicit_length(head: bytes, endian: str) -> int | None:
@@ -276,7 +322,12 @@ def _read_file_meta(fp: BinaryIO, size: int, name: str) -> dict[int, str]:
     while True:
         pos = fp.tell()
         raw = fp.read(8)
-        if len(raw) < 8 or raw[0:2] != b"\x02\x00":
+        if len(raw) < 8:
+            if raw:  # no element, meta or not, fits in what is left
+                raise NotDicomError(f"{name}: truncated DICOM header")
+            fp.seek(pos)
+            return meta
+        if raw[0:2] != b"\x02\x00":
             fp.seek(pos)
             return meta
         elem = raw[2] | raw[3] << 8
@@ -326,7 +377,13 @@ def _encoding(first: bytes, transfer_syntax: str) -> tuple[bool, bool]:
 
 
 def _read_elements(
-    fp: BinaryIO, size: int, implicit: bool, little: bool, last_tag: int, name: str
+    fp: BinaryIO,
+    size: int,
+    implicit: bool,
+    little: bool,
+    last_tag: int,
+    name: str,
+    partial: bool,
 ) -> dict[int, bytes] | None:
     """Collect the raw values of the wanted top-level elements up to `last_tag`.
 
@@ -337,12 +394,13 @@ def _read_elements(
         both StudyInstanceUID and SOPInstanceUID (the caller may look further).
     """
     tell = fp.tell
+    after = int.__gt__  # pydicom's BaseTag compares in Python; the int slot is faster
     end = -1  # where the last top-level element ends; -1 after a sequence
     stopped = truncated = False
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
         nonlocal end, stopped, truncated
-        if tag > last_tag:
+        if after(tag, last_tag):
             stopped = True
             return True
         if length == _UNDEFINED_LENGTH:
@@ -358,7 +416,9 @@ def _read_elements(
     elements = data_element_generator(fp, implicit, little, stop, None, default_encoding, _TAGS)
     for elem in elements:
         if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
-            values[elem.tag] = elem.value
+            values[int(elem.tag)] = elem.value  # int keys: BaseTag compares in Python
+    if partial and not stopped:
+        raise _NeedMore
     if truncated:
         raise NotDicomError(f"{name}: truncated DICOM header")
     if stopped:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
     reset_plugins()
     yield
     reset_plugins()
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> None:
+    """DCMTK is an independent judge in these tests; scripts/bootstrap installs it."""
+    assert shutil.which("dcmdump"), "DCMTK is missing: run scripts/bootstrap"
+
+
+@pytest.fixture(scope="session")
+def dicom3tools() -> None:
+    assert shutil.which("dciodvfy"), "dicom3tools is missing: run scripts/bootstrap"
 
 
 def files_under(folder: Path) -> list[Path]:

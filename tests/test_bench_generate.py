@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -30,7 +29,7 @@ SOP_CLASS = {
 }
 SOP_CLASS_NAMES = {"US": "=UltrasoundMultiframeImageStorage", "CT": "=CTImageStorage"}
 INSTANCES = {"US": range(3, 7), "CT": range(150, 251), "OT": range(2, 5)}
-NEEDS_DCMDUMP = pytest.mark.skipif(shutil.which("dcmdump") is None, reason="DCMTK not installed")
+NEEDS_DCMDUMP = pytest.mark.usefixtures("dcmtk")
 
 
 @pytest.fixture(scope="module")

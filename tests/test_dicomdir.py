@@ -21,10 +21,8 @@ from studyvault.errors import NotDicomError
 from studyvault.naming import assign_file_ids
 from studyvault.records import InstanceRecord, StudyRecord
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("dcmdump") is None, reason="DCMTK not installed")
-needs_dicom3tools = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None, reason="dicom3tools not installed"
-)
+needs_dcmtk = pytest.mark.usefixtures("dcmtk")
+needs_dicom3tools = pytest.mark.usefixtures("dicom3tools")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
