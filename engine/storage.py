@@ -173,6 +173,27 @@ class Storage(ABC):
         """Delete the study at ``location``. Idempotent. The engine calls it only after
         a verified copy elsewhere is committed in the index, or for a confirmed delete."""
 
+    # -- what the files alone cannot tell -------------------------------------------
+    def mark_moved_out(self, location: str) -> None:
+        """Record beside the study at ``location`` that it was moved out of studyvault
+        (it stays on disk but leaves the study list), so that an index rebuild or a
+        mount does not list it again. Durable when it returns.
+
+        :raises StorageError: if this kind cannot keep such a mark (the default).
+        """
+        from .errors import StorageError
+
+        raise StorageError(f"{self.name}: a {self.kind} storage cannot mark a study moved out")
+
+    def is_moved_out(self, location: str) -> bool:
+        """Tell whether the study at ``location`` was marked with :meth:`mark_moved_out`
+        (always False for kinds that cannot mark)."""
+        return False
+
+    def last_stored(self) -> float | None:
+        """Unix time a study was last stored here, or None when never (or not known)."""
+        return None
+
 
 class OnlineStorage(Storage):
     """An image directory kind: it also takes instances one by one (import, receive)."""
@@ -196,3 +217,12 @@ class OnlineStorage(Storage):
     @abstractmethod
     def ingested_path(self, study_uid: str, sop_uid: str) -> tuple[str, str]:
         """(location, path) an instance gets when ingested; nothing is written."""
+
+    @abstractmethod
+    def write_note(self, location: str, name: str, text: str) -> None:
+        """Durably write a small note file beside a study's instances (e.g. a fetched
+        study's return date, so an index rebuild keeps it). Not an instance."""
+
+    @abstractmethod
+    def read_note(self, location: str, name: str) -> str | None:
+        """Read a note written by :meth:`write_note`, or None."""

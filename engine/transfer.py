@@ -32,12 +32,13 @@ from .errors import IntegrityError, StorageError, StudyvaultError, UnknownStudyE
 from .fsutil import sha256_stream
 from .index import IndexWriter
 from .records import InstanceRecord, JournalEntry, StudyRecord
-from .storage import Opener, Storage, StorePlan
+from .storage import OnlineStorage, Opener, Storage, StorePlan
 from .vault import Vault
 
 log = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "STUDYVAULT_FAILPOINT"
+FETCH_NOTE = "studyvault-fetched.toml"
 
 #: event hook called after the commit of each operation
 _EVENTS = {
@@ -197,6 +198,13 @@ def _finish(vault: Vault, entry: JournalEntry, before: StudyRecord | None) -> St
         failpoint("published")
         if not entry.keep_in_list:
             destination.mark_moved_out(plan.location)
+        if entry.op == "fetch" and isinstance(destination, OnlineStorage):
+            # beside the files, so an index rebuild still knows when it goes back
+            destination.write_note(
+                plan.location,
+                FETCH_NOTE,
+                f'archive_id = "{entry.source}"\nuntil = "{entry.fetched_until}"\n',
+            )
         after = _commit(vault, entry)
         failpoint("committed")
     else:

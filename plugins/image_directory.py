@@ -24,6 +24,7 @@ from typing import IO
 from studyvault import hookimpl
 from studyvault.errors import StorageError
 from studyvault.fsutil import (
+    atomic_write_bytes,
     fsync_dir,
     publish_folder,
     recover_folder,
@@ -168,6 +169,16 @@ class ImageDirectory(OnlineStorage):
     def staging_leftovers(self) -> list[str]:
         staging = self.root / "staging"
         return sorted(f"staging/{p.name}" for p in staging.iterdir()) if staging.is_dir() else []
+
+    # -- notes ----------------------------------------------------------------------
+    def write_note(self, location: str, name: str, text: str) -> None:
+        atomic_write_bytes(self.root / location / f".{name}", text.encode("utf-8"))
+
+    def read_note(self, location: str, name: str) -> str | None:
+        try:
+            return (self.root / location / f".{name}").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
 
     # -- removing -------------------------------------------------------------------
     def remove_study(self, location: str) -> None:

@@ -162,3 +162,35 @@ def show(
             for s in d.series
         ],
     )
+
+
+@study_app.command("fetch")
+def fetch(
+    ctx: typer.Context,
+    uids: Annotated[list[str] | None, typer.Argument(help="StudyInstanceUIDs to fetch.")] = None,
+    patient: Annotated[
+        str | None, typer.Option(help="Fetch every archived study of this patient (name or ID).")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Image directory (default: the incoming one).")
+    ] = None,
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """Fetch archived studies back online; they return to their archive after
+    [fetch] keep_days days."""
+    from ..errors import StudyvaultError
+    from ..fetch import fetch_study
+
+    vault = state(ctx).vault()
+    wanted = list(uids or [])
+    if patient:
+        wanted += [s.study_uid for s in list_studies(vault, patient=patient, status="archived")]
+    if not wanted:
+        raise StudyvaultError("name at least one StudyInstanceUID or --patient")
+    results = []
+    for uid in wanted:
+        results.append(fetch_study(vault, uid, to=to))
+        if not json:
+            console.print(results[-1].message, markup=False)
+    if json:
+        print_json(results)
