@@ -79,11 +79,12 @@ def sanitize_component(text: str, max_len: int = 64) -> str:
         elif unicodedata.category(char) not in _DROP_CATEGORIES:
             kept.append(char)
     name = " ".join("".join(kept).split())
-    name = _truncate_utf8(name.strip(" .-"), max_len - 1).strip(" .-")
+    name = _truncate_utf8(name.strip(" .-"), max_len).strip(" .-")
     if not name:
         return UNKNOWN
     if _is_reserved(name):
-        name = "_" + name
+        # the prefix may push it over max_len; cut again (a "_" name is never reserved)
+        name = _truncate_utf8("_" + name, max_len).rstrip(" .-")
     return name
 
 

@@ -77,3 +77,11 @@ def files_under(folder: Path) -> list[Path]:
 
 
 os.environ.setdefault("COLUMNS", "200")
+
+# CI runs the same hypothesis examples every time (a failure there is reproducible);
+# developers' runs explore new ones.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")

@@ -341,7 +341,7 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
     assert second.returncode == 2 and "is already running" in second.stderr
     stop = subprocess.run([*sv, "tasks", "stop", "Slow"], env=env, capture_output=True, text=True)
     assert "Asked Slow to stop" in stop.stdout
-    out, err = runner.communicate(timeout=30)
+    out, err = runner.communicate(timeout=60)
     assert "Stopped by request at" in out
     final = json.loads(
         subprocess.run(
