@@ -62,13 +62,14 @@ def import_paths(
     vault.require_online(storage)
     files = list(walk(paths))
     summary = ImportSummary(storage=storage.name, files=len(files))
-    ingestor = Ingestor(vault.index, storage, vault.plugins, "import")
+    ingestor = Ingestor(vault.index, storage, vault.plugins, "import", pipelined=True)
     studies: set[str] = set()
     try:
         _import_files(files, ingestor, summary, studies, progress)
     finally:
         # what was stored before a failure (a full disk) is indexed, not orphaned
         ingestor.commit()
+        ingestor.drain()
     summary.studies = len(studies)
     return summary
 

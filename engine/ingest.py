@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
+from concurrent.futures import Future
 from collections.abc import Callable
 from typing import IO
 
@@ -44,6 +45,8 @@ class Ingestor:
     :param source: ``"import"`` or ``"network:<AE>"``, passed to the event hook.
     :param batch: commit after this many stored instances…
     :param seconds: …or when the oldest uncommitted one is this old.
+    :param pipelined: overlap each group's fsyncs with storing the next group (bulk
+        import); call :meth:`drain` at the end.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class Ingestor:
         *,
         batch: int = 500,
         seconds: float = 1.0,
+        pipelined: bool = False,
     ) -> None:
         self.index = index
         self.storage = storage
@@ -62,9 +66,13 @@ class Ingestor:
         self.source = source
         self.batch = batch
         self.seconds = seconds
-        self._pending: list[tuple[InstanceHeader, InstanceRecord, str]] = []
+        self._pending: list[tuple[InstanceHeader, InstanceRecord, str, str]] = []
         self._pending_sops: dict[str, str] = {}  # sop uid -> sha256, not yet committed
         self._first_pending = 0.0
+        self.pipelined = pipelined
+        self._inflight: (
+            tuple[Future[None], list[tuple[InstanceHeader, InstanceRecord, str, str]]] | None
+        ) = None
 
     def add(
         self,
@@ -72,6 +80,7 @@ class Ingestor:
         src: IO[bytes] | bytes,
         *,
         digest_of: Callable[[], str] | None = None,
+        source: str | None = None,
     ) -> tuple[Outcome, str]:
         """Store one instance unless it is a duplicate or a conflict.
 
@@ -79,6 +88,8 @@ class Ingestor:
         :param src: the instance's bytes (or an open file positioned at 0).
         :param digest_of: computes the SHA-256 of ``src`` without consuming it (used only
             when the instance is already known); default hashes ``src`` itself.
+        :param source: this instance's source for the ``study_received`` event, when it
+            differs from the ingestor's (a receiver serving several devices).
         :returns: the outcome and, for duplicates and conflicts, a reason.
         """
         known = self._pending_sops.get(header.sop_uid)
@@ -102,10 +113,7 @@ class Ingestor:
         location, path, size, digest = self.storage.ingest(header.study_uid, header.sop_uid, src)
         record = header_to_instance(header, size=size, sha256=digest, received=time.time())
         record.paths = {self.storage.id: path}
-        if not self._pending:
-            self._first_pending = time.monotonic()
-        self._pending.append((header, record, location))
-        self._pending_sops[header.sop_uid] = digest
+        self._queue(header, record, location, source)
         if (
             len(self._pending) >= self.batch
             or time.monotonic() - self._first_pending > self.seconds
@@ -113,21 +121,79 @@ class Ingestor:
             self.commit()
         return Outcome.STORED, ""
 
-    def commit(self) -> list[StudyRecord]:
-        """Make the stored files' folders durable, then index them in one transaction."""
+    def adopt(
+        self,
+        header: InstanceHeader,
+        *,
+        location: str,
+        path: str,
+        size: int,
+        sha256: str,
+        source: str | None = None,
+    ) -> None:
+        """Index, at the next commit, an instance whose file is already in place in the
+        storage (a received file whose group commit a crash prevented). The caller has
+        checked that the index does not know the instance.
+
+        :param location: the study's location in the storage.
+        :param path: the file's path within ``location``.
+        """
+        record = header_to_instance(header, size=size, sha256=sha256, received=time.time())
+        record.paths = {self.storage.id: path}
+        self._queue(header, record, location, source)
+
+    def _queue(
+        self, header: InstanceHeader, record: InstanceRecord, location: str, source: str | None
+    ) -> None:
         if not self._pending:
+            self._first_pending = time.monotonic()
+        self._pending.append((header, record, location, source or self.source))
+        self._pending_sops[header.sop_uid] = record.sha256
+
+    def commit(self) -> list[StudyRecord]:
+        """Make the stored files durable, then index them in one transaction.
+
+        Pipelined, the files' fsyncs run in the background while the caller stores the
+        next group; this group is indexed at the next :meth:`commit` or :meth:`drain`,
+        and only once its files are durable.
+        """
+        if not self.pipelined:
+            if not self._pending:
+                return []
+            self.storage.flush()
+            pending, self._pending = self._pending, []
+            return self._index(pending)
+        committed = self.drain()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._inflight = (self.storage.flush_async(), pending)
+        return committed
+
+    def drain(self) -> list[StudyRecord]:
+        """Wait for the group being made durable in the background, then index it."""
+        if self._inflight is None:
             return []
-        self.storage.flush()
-        pending, self._pending = self._pending, []
-        self._pending_sops.clear()
+        future, pending = self._inflight
+        self._inflight = None
+        future.result()
+        return self._index(pending)
+
+    def _index(
+        self, pending: list[tuple[InstanceHeader, InstanceRecord, str, str]]
+    ) -> list[StudyRecord]:
+        for header, record, _, _ in pending:
+            if self._pending_sops.get(header.sop_uid) == record.sha256:
+                del self._pending_sops[header.sop_uid]
         storage_id = self.storage.id
+        sources: dict[str, str] = {}  # study uid -> source of its first instance in the batch
 
         def body(writer: object) -> list[StudyRecord]:
             from .index import IndexWriter
 
             assert isinstance(writer, IndexWriter)
             studies: dict[str, tuple[StudyRecord, StudyRecord | None]] = {}
-            for header, record, location in pending:
+            for header, record, location, source in pending:
+                sources.setdefault(header.study_uid, source)
                 if header.study_uid not in studies:
                     previous = writer.get_study(header.study_uid)
                     current = (
@@ -157,7 +223,10 @@ class Ingestor:
         if self.plugins is not None:
             for study in committed:
                 self.plugins.notify(
-                    "study_received", study=study, storage=self.storage, source=self.source
+                    "study_received",
+                    study=study,
+                    storage=self.storage,
+                    source=sources.get(study.study_uid, self.source),
                 )
         return committed
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, ClassVar
@@ -194,6 +195,11 @@ class Storage(ABC):
         """Unix time a study was last stored here, or None when never (or not known)."""
         return None
 
+    def staging_leftovers(self) -> list[str]:
+        """Staging names present now (``studyvault check`` compares them with the
+        journal); :meth:`discard_staging` removes one. Empty for kinds without staging."""
+        return []
+
 
 class OnlineStorage(Storage):
     """An image directory kind: it also takes instances one by one (import, receive)."""
@@ -204,8 +210,10 @@ class OnlineStorage(Storage):
     def ingest(
         self, study_uid: str, sop_uid: str, src: IO[bytes] | bytes
     ) -> tuple[str, str, int, str]:
-        """Store one instance durably (the file itself fsynced; call :meth:`flush` before
-        committing the index). Replaces an earlier file of the same instance.
+        """Store one instance. It is durable, and at its returned path, only once
+        :meth:`flush` has returned: call it before committing the index (the
+        :class:`~studyvault.ingest.Ingestor` does). Replaces an earlier file of the
+        same instance.
 
         :returns: (study location, path within it, size in bytes, SHA-256 hex).
         """
@@ -213,6 +221,15 @@ class OnlineStorage(Storage):
     @abstractmethod
     def flush(self) -> None:
         """Make the folder entries of everything ingested since the last flush durable."""
+
+    def flush_async(self) -> Future[None]:
+        """Start :meth:`flush` for what was ingested so far and return at once; the
+        future completes when it is durable. Later ingests belong to the next flush.
+        The default flushes synchronously."""
+        future: Future[None] = Future()
+        self.flush()
+        future.set_result(None)
+        return future
 
     @abstractmethod
     def ingested_path(self, study_uid: str, sop_uid: str) -> tuple[str, str]:

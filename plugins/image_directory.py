@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -27,15 +28,19 @@ from studyvault.fsutil import (
     atomic_write_bytes,
     fsync_dir,
     publish_folder,
+    fsync_files,
     recover_folder,
     remove_tree,
+    temp_name,
     write_durably,
+    write_unsynced,
 )
 from studyvault.keyfile import folder_is_empty, read_key, write_key
 from studyvault.records import InstanceRecord, StudyRecord
 from studyvault.storage import OnlineStorage, Opener, Status, StorePlan
 
 KEY_NAME = "image_directory.key"
+_FLUSHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studyvault-flush")
 _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
@@ -54,6 +59,7 @@ class ImageDirectory(OnlineStorage):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._dirty: set[Path] = set()
+        self._unsynced: list[tuple[Path, Path]] = []  # (temp file, final path)
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -101,16 +107,37 @@ class ImageDirectory(OnlineStorage):
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             self._dirty.update({folder.parent, folder.parent.parent})
-        size, digest = write_durably(folder / path, src)
+        final = folder / path
+        tmp = temp_name(final)
+        size, digest = write_unsynced(tmp, src)
+        self._unsynced.append((tmp, final))
         self._dirty.add(folder)
         return location, path, size, digest
 
     def flush(self) -> None:
-        # deepest first, so a new study folder's entry is durable after its files
-        for folder in sorted(self._dirty, key=lambda p: len(p.parts), reverse=True):
+        self._sync(self._take())
+
+    def flush_async(self) -> Future[None]:
+        # the group is taken here, in the caller's thread, so files ingested from now
+        # on belong to the next flush
+        return _FLUSHER.submit(self._sync, self._take())
+
+    def _take(self) -> tuple[list[tuple[Path, Path]], set[Path]]:
+        pending, self._unsynced = self._unsynced, []
+        dirty, self._dirty = self._dirty, set()
+        return pending, dirty
+
+    def _sync(self, group: tuple[list[tuple[Path, Path]], set[Path]]) -> None:
+        # The group's files were written under temporary names; fsync them together (far
+        # faster than one by one), then give them their names and make the folders
+        # durable, deepest first. Nothing is indexed before this returns.
+        pending, dirty = group
+        fsync_files([tmp for tmp, _ in pending])
+        for tmp, final in pending:
+            os.replace(tmp, final)
+        for folder in sorted(dirty, key=lambda p: len(p.parts), reverse=True):
             if folder.exists():
                 fsync_dir(folder)
-        self._dirty.clear()
 
     # -- transfers ------------------------------------------------------------------
     def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
