@@ -46,6 +46,15 @@ class ActionContext(Protocol):
         index entries)."""
         ...
 
+    def verify(self, study: StudyRecord) -> list[str]:
+        """Re-read every instance of the study's copy in ``source`` and compare it with
+        its recorded SHA-256; changes nothing.
+
+        :returns: one line per missing, changed, unreadable or unknown file; empty when
+            the copy is whole.
+        """
+        ...
+
 
 class Action(ABC):
     """Base class of task actions."""

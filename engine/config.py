@@ -244,7 +244,7 @@ def append_table(doc: tomlkit.TOMLDocument, array: str, values: dict[str, Any]) 
         aot.append(table)
         doc.add(array, aot)
     else:
-        doc[array].append(table)  # type: ignore[union-attr]
+        doc[array].append(table)
 
 
 def remove_table(doc: tomlkit.TOMLDocument, array: str, name: str) -> None:
@@ -273,7 +273,7 @@ def update_table(doc: tomlkit.TOMLDocument, array: str, name: str, values: dict[
 def set_key(doc: tomlkit.TOMLDocument, table: str, key: str, value: Any) -> None:
     if table not in doc:
         doc.add(table, tomlkit.table())
-    doc[table][key] = value  # type: ignore[index]
+    doc[table][key] = value
 
 
 # -- where the config lives -----------------------------------------------------------

@@ -289,9 +289,17 @@ class StudyIndex:
             size += study.size
         return count, size
 
+    def count_storage_studies(self, storage: str) -> int:
+        """Studies with a copy in ``storage``, counted from keys (no record is read)."""
+        return sum(1 for _ in self._scan("by_storage", _k(storage) + SEP, chunk=4096))
+
     def count_studies(self) -> int:
         with self._read() as txn:
             return int(txn.stat(self._db["studies"])["entries"])
+
+    def count_instances(self) -> int:
+        with self._read() as txn:
+            return int(txn.stat(self._db["instances"])["entries"])
 
     # -- writing ------------------------------------------------------------------
     def put_study(

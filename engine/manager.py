@@ -73,7 +73,7 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
-    def __iter__(self) -> Iterable[type[T]]:  # type: ignore[override]
+    def __iter__(self) -> Iterable[type[T]]:
         return iter(cls for cls, _ in self._items.values())
 
 

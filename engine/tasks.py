@@ -194,6 +194,11 @@ class _Context:
     def delete(self, study: StudyRecord) -> None:
         delete_study(self.vault, study.study_uid, self.source, task=self.task)
 
+    def verify(self, study: StudyRecord) -> list[str]:
+        from .integrity import verify_study
+
+        return verify_study(self.vault, study, self.source)
+
 
 class RunResult(msgspec.Struct, kw_only=True):
     task: str

@@ -37,7 +37,7 @@ from studyvault.fsutil import (
 )
 from studyvault.keyfile import folder_is_empty, read_key, write_key
 from studyvault.records import InstanceRecord, StudyRecord
-from studyvault.storage import OnlineStorage, Opener, Status, StorePlan
+from studyvault.storage import OnlineStorage, Opener, Status, StorageConfig, StorePlan
 
 KEY_NAME = "image_directory.key"
 _FLUSHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studyvault-flush")
@@ -56,8 +56,8 @@ class ImageDirectory(OnlineStorage):
 
     kind = "image_directory"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, config: StorageConfig, base: Path | None = None) -> None:
+        super().__init__(config, base)
         self._dirty: set[Path] = set()
         self._unsynced: list[tuple[Path, Path]] = []  # (temp file, final path)
 
