@@ -63,3 +63,7 @@ class TaskError(StudyvaultError, RuntimeError):
 
 class ConfirmationRequired(StudyvaultError, PermissionError):
     """A destructive command was not confirmed by typing the required word."""
+
+
+class ServiceError(StudyvaultError, RuntimeError):
+    """``studyvault serve`` cannot start: another one runs, or its port is taken."""

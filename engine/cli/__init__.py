@@ -47,9 +47,15 @@ def _register() -> None:
     setup_cmds.register(app)
     study_cmds.register(app)
     storage_cmds.register(app)
+    from . import archive_cmds
+
+    archive_cmds.register(app)
     from . import task_cmds
 
     task_cmds.register(app)
+    from . import integrity_cmds
+
+    integrity_cmds.register(app)
 
 
 _register()
