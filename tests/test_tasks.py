@@ -314,7 +314,7 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
             "Disk 2",
             "--all",
             "--throttle-ms",
-            "700",
+            "3000",
         ],
         env=env,
         check=True,
@@ -349,3 +349,101 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
         ).stdout
     )[0]
     assert final["status"].startswith("Stopped by request at") and 0 < final["done"] < 6
+
+
+def test_an_archive_that_is_full_stops_the_run_with_that_reason(home, run, tmp_path, old_and_new):
+    run("archives", "add", "Tiny", tmp_path / "arch", "--min-free-mb", str(10**9))
+    run(
+        "tasks",
+        "add",
+        "A",
+        "--action",
+        "archive",
+        "--from",
+        "Image Center Storage",
+        "--to",
+        "Tiny",
+        "--all",
+        "--throttle-ms",
+        "0",
+    )
+    result = run("tasks", "run", "A")
+    assert result.code == 1
+    assert "Stopped at 0/3 studies [1 errors]: Tiny is full" in result.out
+    assert not list((tmp_path / "arch" / "studies").iterdir())
+    assert {s["status"] for s in run("studies", "--json").json()} == {"online"}
+    [row] = run("tasks", "list", "--json").json()
+    assert row["status"].startswith("Stopped at 0/3 studies [1 errors]: Tiny is full")
+
+
+def test_an_offline_archive_stops_the_run_before_any_study(home, run, tmp_path, old_and_new):
+    run("archives", "add", "Share", tmp_path / "share")
+    run(
+        "tasks",
+        "add",
+        "A",
+        "--action",
+        "archive",
+        "--from",
+        "Image Center Storage",
+        "--to",
+        "Share",
+        "--all",
+        "--throttle-ms",
+        "0",
+    )
+    (tmp_path / "share").rename(tmp_path / "share-gone")  # the network share went away
+    result = run("tasks", "run", "A")
+    assert result.code == 2 and "Share is offline" in result.err
+    assert {s["status"] for s in run("studies", "--json").json()} == {"online"}
+
+
+def test_a_scheduled_run_pauses_at_the_end_of_its_window_and_resumes(
+    home, run, tmp_path, old_and_new
+):
+    from studyvault.tasks import TaskRunner
+    from studyvault.vault import Vault
+
+    run("image-dirs", "add", "Disk 2", tmp_path / "d2")
+    run(
+        "tasks",
+        "add",
+        "Night",
+        "--action",
+        "move",
+        "--from",
+        "Image Center Storage",
+        "--to",
+        "Disk 2",
+        "--all",
+        "--days",
+        "Sa,Su",
+        "--hours",
+        "22:00-04:00",
+        "--throttle-ms",
+        "0",
+    )
+    now = [dt.datetime(2026, 12, 6, 3, 59)]  # Sunday 03:59, inside Saturday's window
+
+    def after_each_study(done, total, errors):
+        now[0] = dt.datetime(2026, 12, 6, 4, 0)  # the window closes after the first study
+
+    with Vault.open() as vault:
+        result = TaskRunner(
+            vault, "Night", scheduled=True, clock=lambda: now[0], progress=after_each_study
+        ).run()
+    assert result.outcome == "paused" and result.done == 1
+    assert "window ended" in result.message
+    [row] = run("tasks", "list", "--json").json()
+    assert row["status"].startswith("Paused at 1/3 studies")
+
+    with Vault.open() as vault:  # outside the window a scheduled run does nothing
+        idle = TaskRunner(
+            vault, "Night", scheduled=True, clock=lambda: dt.datetime(2026, 12, 7, 12, 0)
+        ).run()
+        assert idle.outcome == "paused" and idle.done == 0
+        resumed = TaskRunner(
+            vault, "Night", scheduled=True, clock=lambda: dt.datetime(2026, 12, 12, 23, 0)
+        ).run()
+    assert resumed.outcome == "completed" and resumed.done == 2
+    assert {s["copies"][0]["storage"] for s in run("studies", "--json").json()} == {"Disk 2"}

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import typer
 
 from .. import audit
-from ..check import Problem, check
 from ..errors import StudyvaultError
-from ..integrity import parse_sample, verify
-from ..rebuild import rebuild_index
 from .common import JsonOption, console, human_bytes, print_json, print_table, progress_reporter
 from .common import state as cli_state
+
+if TYPE_CHECKING:
+    from ..check import Problem
 
 index_app = typer.Typer(help="The study index.", no_args_is_help=True)
 
@@ -50,6 +50,8 @@ def verify_cmd(
 
     Reports missing, changed (e.g. encrypted by ransomware), unreadable and unknown
     files per study; exits 1 when anything is wrong."""
+    from ..integrity import parse_sample, verify  # pydicom loads only when needed
+
     fraction = parse_sample(sample)
     vault = cli_state(ctx).vault()
     if storage is not None:
@@ -99,6 +101,8 @@ def check_cmd(
     remains."""
     vault = cli_state(ctx).vault()
 
+    from ..check import check
+
     def acted(problem: Problem) -> None:
         if json:
             return
@@ -146,6 +150,8 @@ def rebuild_cmd(
     Deletes nothing: the old index folder is kept beside the new one."""
     vault = cli_state(ctx).vault()
     with progress_reporter("Rebuilding", "studies") as progress:
+        from ..rebuild import rebuild_index
+
         summary = rebuild_index(vault, force=force, progress=progress)
     if json:
         print_json(summary)

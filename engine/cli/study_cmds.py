@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..importer import import_paths
-from ..studies import detail, list_studies
 from .common import (
     JsonOption,
     console,
@@ -38,6 +36,8 @@ def import_cmd(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """Import DICOM files into an image directory, grouped into studies."""
+    from ..importer import import_paths  # pydicom loads only for commands that read DICOM
+
     vault = state(ctx).vault()
     with progress_reporter("Importing") as progress:
         summary = import_paths(vault, paths, to=to, progress=progress)
@@ -73,6 +73,8 @@ def studies(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """List studies, oldest first."""
+    from ..studies import list_studies
+
     vault = state(ctx).vault()
     rows = list_studies(
         vault,
@@ -126,6 +128,8 @@ def show(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """Show one study: patient, status, locations, series."""
+    from ..studies import detail
+
     vault = state(ctx).vault()
     d = detail(vault, uid)
     if json:
@@ -180,6 +184,7 @@ def fetch(
     [fetch] keep_days days."""
     from ..errors import StudyvaultError
     from ..fetch import fetch_study
+    from ..studies import list_studies
 
     vault = state(ctx).vault()
     wanted = list(uids or [])

@@ -16,8 +16,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pydicom import dcmread
-
 from studyvault.errors import StorageError, StorageOfflineError
 from studyvault.fsutil import (
     atomic_write_bytes,
@@ -168,6 +166,8 @@ class FolderArchive(Storage):
         """The StudyInstanceUID in the DICOMDIR at ``location``, if it can be read."""
         try:
             with self.open_file(location, DICOMDIR) as f:
+                from pydicom import dcmread  # loaded only when a location is contested
+
                 records = dcmread(f, force=True).DirectoryRecordSequence
             return next(
                 str(r.StudyInstanceUID) for r in records if r.DirectoryRecordType == "STUDY"

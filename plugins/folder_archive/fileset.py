@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from studyvault.dicomdir import build_dicomdir
 from studyvault.errors import IntegrityError, StorageError, StorageFullError
 from studyvault.fsutil import copy_stream, fsync_dir
 from studyvault.records import InstanceRecord, StudyRecord
@@ -65,6 +64,8 @@ def manifest(digests: Sequence[tuple[str, str]]) -> bytes:
 
 
 def _dicomdir(study: StudyRecord, items: Sequence[Item]) -> bytes:
+    from studyvault.dicomdir import build_dicomdir  # pydicom loads only when storing
+
     return build_dicomdir(study, [(inst, file_id) for inst, _, file_id in items])
 
 
