@@ -136,6 +136,7 @@ def return_study(vault: Vault, study: StudyRecord) -> ReturnResult:
         location=location,
         staging="",
         paths={i.sop_uid: i.paths[archive.id] for i in instances},
+        source_paths={i.sop_uid: i.paths[online.id] for i in instances if online.id in i.paths},
         phase="committed",
         started=time.time(),
         pid=os.getpid(),

@@ -96,6 +96,7 @@ class JournalEntry(msgspec.Struct, kw_only=True):
     location: str | None = None  # destination location planned before staging
     staging: str | None = None  # destination staging name planned before staging
     paths: dict[str, str] = {}  # SOPInstanceUID -> path in the destination
+    source_paths: dict[str, str] = {}  # SOPInstanceUID -> path in the source, if it has one
     phase: str = "started"
     started: float = 0.0
     pid: int = 0  # process doing the work; a live one's entry is not replayed

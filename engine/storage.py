@@ -236,6 +236,15 @@ class OnlineStorage(Storage):
         """(location, path) an instance gets when ingested; nothing is written."""
 
     @abstractmethod
+    def remove_instances(self, location: str, paths: list[str]) -> bool:
+        """Remove these instance files of a study (and its notes), and the study's
+        folder when nothing else is left in it: an instance received while the study
+        was being moved must survive. Idempotent.
+
+        :returns: True when the study's location is gone.
+        """
+
+    @abstractmethod
     def write_note(self, location: str, name: str, text: str) -> None:
         """Durably write a small note file beside a study's instances (e.g. a fetched
         study's return date, so an index rebuild keeps it). Not an instance."""

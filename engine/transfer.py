@@ -156,6 +156,7 @@ def transfer_study(
         location=plan.location,
         staging=plan.staging,
         paths=plan.paths,
+        source_paths={i.sop_uid: i.paths[source.id] for i in instances if source.id in i.paths},
         started=time.time(),
         pid=os.getpid(),
         task=task,
@@ -212,12 +213,22 @@ def _finish(vault: Vault, entry: JournalEntry, before: StudyRecord | None) -> St
     if not entry.keep_source:
         vault.require_online(source)  # an unreachable source would look already removed
         # the verified copy in the destination is committed in the index (phase committed)
-        source.remove_study(entry.source_location)
+        remove_source_copy(source, entry)
         failpoint("removed")
     vault.index.journal_delete(entry.study_uid)
     if before is not None:
         _report(vault, entry, before if after is None else after, source, destination)
     return after
+
+
+def remove_source_copy(source: Storage, entry: JournalEntry) -> None:
+    """Remove what was transferred from the source. An image directory keeps any
+    instance that arrived while the study was being moved (the receiver may have
+    acknowledged it already); it stays indexed there and moves with the next run."""
+    if isinstance(source, OnlineStorage):
+        source.remove_instances(entry.source_location, sorted(set(entry.source_paths.values())))
+    else:
+        source.remove_study(entry.source_location)
 
 
 def _commit(vault: Vault, entry: JournalEntry) -> StudyRecord | None:
@@ -230,18 +241,25 @@ def _commit(vault: Vault, entry: JournalEntry) -> StudyRecord | None:
         writer.journal_put(entry)
         if previous is None:
             return None
-        if not entry.keep_in_list:
+        if not entry.keep_in_list and not any(
+            i.sop_uid not in entry.paths for i in writer.instances(entry.study_uid)
+        ):
             writer.delete_study(entry.study_uid)
             return None
         study = msgspec.structs.replace(previous, copies=dict(previous.copies))
         study.copies[dest_id] = entry.location or ""
-        if not entry.keep_source:
+        instances = writer.instances(entry.study_uid)
+        # an instance received after the transfer was planned is not in the destination
+        late = [i for i in instances if i.sop_uid not in entry.paths]
+        if not entry.keep_source and not any(entry.source in i.paths for i in late):
             study.copies.pop(entry.source, None)
         if entry.op == "fetch":
             study.fetched_from, study.fetched_until = entry.source, entry.fetched_until
         elif entry.op == "return":
             study.fetched_from = study.fetched_until = None
-        for inst in writer.instances(entry.study_uid):
+        for inst in instances:
+            if inst.sop_uid not in entry.paths:
+                continue
             paths = dict(inst.paths)
             if not entry.keep_source:
                 paths.pop(entry.source, None)
@@ -307,13 +325,17 @@ def delete_study(
     )
 
     def body(writer: IndexWriter) -> None:
+        instances = writer.instances(study_uid)
+        entry.source_paths = {
+            i.sop_uid: i.paths[storage.id] for i in instances if storage.id in i.paths
+        }
         writer.journal_put(entry)
         remaining = {sid: loc for sid, loc in study.copies.items() if sid != storage.id}
         if not remaining:
             writer.delete_study(study_uid)
             return
         updated = msgspec.structs.replace(study, copies=remaining)
-        for inst in writer.instances(study_uid):
+        for inst in instances:
             inst.paths = {sid: p for sid, p in inst.paths.items() if sid != storage.id}
             writer.put_instance(inst)
         writer.put_study(updated, study)
@@ -321,7 +343,7 @@ def delete_study(
     index.apply(body)
     failpoint("delete-committed")
     # the user confirmed this delete (typed DELETE); the index no longer points here
-    storage.remove_study(entry.source_location)
+    remove_source_copy(storage, entry)
     index.journal_delete(study_uid)
     vault.plugins.notify("study_deleted", study=study, storage=storage, task=task)
 
@@ -332,7 +354,7 @@ def replay_entry(vault: Vault, entry: JournalEntry) -> str:
         # the index already forgot the study; finish removing its files
         source = _storage(vault, entry.source)
         vault.require_online(source)
-        source.remove_study(entry.source_location)
+        remove_source_copy(source, entry)
         vault.index.journal_delete(entry.study_uid)
         return "finished delete"
     destination = _storage(vault, entry.destination or "")

@@ -17,8 +17,8 @@ import hashlib
 import os
 import re
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -27,8 +27,8 @@ from studyvault.errors import StorageError
 from studyvault.fsutil import (
     atomic_write_bytes,
     fsync_dir,
-    publish_folder,
     fsync_files,
+    publish_folder,
     recover_folder,
     remove_tree,
     temp_name,
@@ -211,6 +211,21 @@ class ImageDirectory(OnlineStorage):
     def remove_study(self, location: str) -> None:
         folder = self.root / location
         remove_tree(folder)
+
+    def remove_instances(self, location: str, paths: list[str]) -> bool:
+        folder = self.root / location
+        for path in paths:
+            (folder / path).unlink(missing_ok=True)
+        (folder / ".studyvault-fetched.toml").unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # only when nothing else arrived meanwhile
+        except FileNotFoundError:
+            return True
+        except OSError:
+            fsync_dir(folder)
+            return False
+        fsync_dir(folder.parent)
+        return True
 
 
 @hookimpl

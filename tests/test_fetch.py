@@ -152,3 +152,16 @@ def test_killed_return_then_housekeeping_again_finishes(home, run, archived, fai
     assert study["status"] == "archived"
     assert run("study", "fetch", uid).code == 0
     assert online_hashes(home) == sorted(sha(p) for p in files)
+
+
+def test_housekeeping_returns_studies_whose_time_is_up(home, run, archived):
+    uid, files = archived
+    cfg = home / "studyvault.toml"
+    cfg.write_text(cfg.read_text().replace("keep_days = 14", "keep_days = 0"))
+    assert run("study", "fetch", uid).code == 0
+    assert online_hashes(home) == sorted(sha(p) for p in files)
+    result = run("housekeeping")
+    assert result.code == 0, result.err
+    assert "returned 1 fetched studies" in result.out
+    assert online_hashes(home) == []
+    assert run("studies", "--json").json()[0]["status"] == "archived"

@@ -447,3 +447,45 @@ def test_a_scheduled_run_pauses_at_the_end_of_its_window_and_resumes(
         ).run()
     assert resumed.outcome == "completed" and resumed.done == 2
     assert {s["copies"][0]["storage"] for s in run("studies", "--json").json()} == {"Disk 2"}
+
+
+def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
+    home, run, tmp_path, old_and_new
+):
+    """A device sends a late instance of a stable study while a task is moving it: the
+    late file must never be deleted with the source copy."""
+    from studyvault.testing.dicomgen import make_instance
+
+    run("image-dirs", "add", "Disk 2", tmp_path / "d2")
+    run("tasks", "add", "Move", "--action", "move", "--from", "Image Center Storage",
+        "--to", "Disk 2", "--all", "--throttle-ms", "0")
+    uid = studies_by_patient(run)["OLD^ONE"]["study_uid"]
+    late = make_instance(tmp_path / "late.dcm", study_uid=uid, patient_name="OLD^ONE")
+
+    from studyvault.plugins.image_directory import ImageDirectory
+
+    original = ImageDirectory.write_staging
+
+    def staging_while_a_device_sends(self, plan, study, instances):
+        original(self, plan, study, instances)
+        if study.study_uid == uid and self.name == "Disk 2":
+            # another process stores it meanwhile, as the receiver would
+            subprocess.run([sys.executable, "-m", "studyvault", "import", late], check=True,
+                           capture_output=True)
+
+    ImageDirectory.write_staging = staging_while_a_device_sends
+    try:
+        assert run("tasks", "run", "Move").code == 0
+    finally:
+        ImageDirectory.write_staging = original
+    study = studies_by_patient(run)["OLD^ONE"]
+    assert study["instances"] == 4
+    assert sorted(c["storage"] for c in study["copies"]) == ["Disk 2", "Image Center Storage"]
+    assert sha(late) in {sha(p) for p in (home / "images" / "studies").rglob("*.dcm")}
+
+    assert run("tasks", "run", "Move").code == 0  # the next run takes the late one along
+    study = studies_by_patient(run)["OLD^ONE"]
+    assert [c["storage"] for c in study["copies"]] == ["Disk 2"]
+    moved = {sha(p) for p in (tmp_path / "d2" / "studies").rglob("*.dcm")}
+    assert {sha(p) for p in [*old_and_new["OLD^ONE"], late]} <= moved
+    assert not list((home / "images" / "studies").rglob("*.dcm"))
