@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import IO
 
 import msgspec

@@ -56,6 +56,9 @@ def _register() -> None:
     from . import integrity_cmds
 
     integrity_cmds.register(app)
+    from . import service_cmds
+
+    service_cmds.register(app)
 
 
 _register()
