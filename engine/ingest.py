@@ -24,6 +24,7 @@ from .records import (
     InstanceHeader,
     InstanceRecord,
     StudyRecord,
+    count_instance,
     header_to_instance,
     header_to_study,
 )
@@ -209,11 +210,7 @@ class Ingestor:
                 study = studies[header.study_uid][0]
                 _fill_missing(study, header)
                 study.copies[storage_id] = location
-                study.instance_count += 1
-                study.size += record.size
-                study.last_received = max(study.last_received, record.received)
-                if record.modality and record.modality not in study.modalities:
-                    study.modalities.append(record.modality)
+                count_instance(study, record)
                 writer.put_instance(record)
             for study, previous in studies.values():
                 writer.put_study(study, previous)

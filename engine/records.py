@@ -141,3 +141,12 @@ def header_to_instance(
         sha256=sha256,
         received=received,
     )
+
+
+def count_instance(study: StudyRecord, record: InstanceRecord) -> None:
+    """Add a newly indexed instance to its study's totals and modalities."""
+    study.instance_count += 1
+    study.size += record.size
+    study.last_received = max(study.last_received, record.received)
+    if record.modality and record.modality not in study.modalities:
+        study.modalities.append(record.modality)

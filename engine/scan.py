@@ -22,6 +22,7 @@ from .records import (
     InstanceHeader,
     InstanceRecord,
     StudyRecord,
+    count_instance,
     header_to_instance,
     header_to_study,
 )
@@ -212,11 +213,7 @@ def add_study(writer: IndexWriter, storage_id: str, scanned: ScannedStudy) -> in
                 writer.put_instance(old)
             continue
         record = msgspec.structs.replace(record, paths={storage_id: path})
-        study.instance_count += 1
-        study.size += record.size
-        study.last_received = max(study.last_received, record.received)
-        if record.modality and record.modality not in study.modalities:
-            study.modalities.append(record.modality)
+        count_instance(study, record)
         writer.put_instance(record)
         added += 1
     writer.put_study(study, previous)
