@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
     reset_plugins()
     yield
     reset_plugins()
+
+
+# pynetdicom installs its own storescu/echoscu into the virtual environment's bin, which
+# tox puts first on PATH; the tests mean DCMTK's, which live beside dcmdump.
+_dcmdump = shutil.which(
+    "dcmdump",
+    path=os.environ.get("PATH", "").replace(os.path.dirname(sys.executable) + os.pathsep, ""),
+)
+if _dcmdump:
+    os.environ["PATH"] = os.path.dirname(_dcmdump) + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

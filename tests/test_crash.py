@@ -168,7 +168,7 @@ def kill_randomly(
             [*SV, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         if kills < max_kills:
-            time.sleep(rng.uniform(0.5, 1.3))  # start-up takes ~0.5 s
+            time.sleep(rng.uniform(0.5, 1.0))  # start-up takes ~0.5 s
         if proc.poll() is None and kills < max_kills:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -197,7 +197,7 @@ def test_killed_transfer_tasks_finish_with_nothing_lost(tmp_path, corpus, destin
         to,
         "--all",
         "--throttle-ms",
-        "20",
+        "60",
     )
     rng = random.Random(len(destination))
     everything = [h for hs in hashes.values() for h in hs]
@@ -228,7 +228,7 @@ def test_killed_delete_task_finishes_with_the_rest_intact(tmp_path, corpus):
         "--dates",
         "2000-01-01..2004-12-31",
         "--throttle-ms",
-        "40",
+        "80",
     )
     kept = [h for name, hs in hashes.items() if int(name[1:]) % 10 >= 5 for h in hs]
     kills = kill_randomly(
