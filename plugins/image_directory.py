@@ -26,13 +26,13 @@ from studyvault import hookimpl
 from studyvault.errors import StorageError
 from studyvault.fsutil import (
     atomic_write_bytes,
+    copy_plain,
     fsync_dir,
     fsync_files,
     publish_folder,
     recover_folder,
     remove_tree,
     temp_name,
-    write_durably,
     write_unsynced,
 )
 from studyvault.keyfile import folder_is_empty, read_key, write_key
@@ -156,9 +156,14 @@ class ImageDirectory(OnlineStorage):
         staging = self.root / plan.staging
         remove_tree(staging)
         staging.mkdir(parents=True)
+        written = []
         for inst, opener in instances:
-            with opener() as src:
-                write_durably(staging / plan.paths[inst.sop_uid], src)
+            target = staging / plan.paths[inst.sop_uid]
+            # not hashed here: the engine re-reads the staged copy against the index
+            with opener() as src, open(target, "wb") as out:
+                copy_plain(src, out)
+            written.append(target)
+        fsync_files(written)
         fsync_dir(staging)
         fsync_dir(staging.parent)
 

@@ -78,6 +78,8 @@ class FolderArchive(Storage):
             )
         )
         self._zips = ZipReader()
+        self._key_stamp: tuple[int, int, int] | None = None
+        self._key_id = ""
 
     # -- identity and state -----------------------------------------------------------
     @property
@@ -117,10 +119,17 @@ class FolderArchive(Storage):
         if not self.settings.mounted:
             return Status.UNMOUNTED
         try:
-            key = read_key(self.key_path)
-        except StorageError:
+            stat = self.key_path.stat()
+            # the key is re-read only when it changed (a status check runs several times
+            # per study); a vanished or replaced folder still shows at once
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if stamp != self._key_stamp:
+                self._key_id = read_key(self.key_path)["id"]
+                self._key_stamp = stamp
+        except (OSError, StorageError):
+            self._key_stamp = None
             return Status.OFFLINE
-        if self.id and key["id"] != self.id:
+        if self.id and self._key_id != self.id:
             return Status.OFFLINE
         return Status.ONLINE
 
