@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +25,6 @@ from studyvault.fsutil import (
     temp_name,
 )
 from studyvault.keyfile import folder_is_empty, read_key, write_key
-from studyvault.naming import assign_file_ids
 from studyvault.records import InstanceRecord, StudyRecord
 from studyvault.storage import Opener, Role, Status, Storage, StorageConfig, StorePlan
 
@@ -155,14 +153,9 @@ class FolderArchive(Storage):
 
     # -- storing ----------------------------------------------------------------------
     def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
-        location = study.copies.get(self.id) if self.id else None
-        if not location:
-            location = self._new_location(study)
-        staging = f"{STAGING}/{uuid.uuid4().hex}"
-        if is_zip(location):
-            staging += layout.ZIP_STAGING_SUFFIX
-        paths = {inst.sop_uid: file_id for inst, file_id in assign_file_ids(instances)}
-        return StorePlan(location=location, staging=staging, paths=paths)
+        return layout.plan_store(
+            study, instances, self.id, self._new_location, layout.ZIP_STAGING_SUFFIX
+        )
 
     def _new_location(self, study: StudyRecord) -> str:
         for location in layout.candidates(study, self.settings.naming, self.settings.zip):

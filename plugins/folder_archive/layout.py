@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from studyvault.errors import StorageError
 from studyvault.naming import (
     UNKNOWN_DATE,
+    assign_file_ids,
     is_safe_relpath,
     readable_study_path,
     short_id,
     uid_study_path,
 )
-from studyvault.records import StudyRecord
+from studyvault.records import InstanceRecord, StudyRecord
+from studyvault.storage import StorePlan
 
 KEY_NAME = "folder_archive.key"
 STUDIES = "studies"
@@ -141,3 +144,22 @@ def iter_folder_files(folder: Path) -> Iterator[str]:
                 yield rel
 
     yield from walk(folder, "")
+
+
+def plan_store(
+    study: StudyRecord,
+    instances: list[InstanceRecord],
+    storage_id: str,
+    new_location: Callable[[StudyRecord], str],
+    zip_staging_suffix: str,
+) -> StorePlan:
+    """The store plan of an archive kind with this layout (folder or S3): the study's
+    existing location (a merge) or a new one, a fresh staging name, PS3.10 file IDs."""
+    location = study.copies.get(storage_id) if storage_id else None
+    if not location:
+        location = new_location(study)
+    staging = f"{STAGING}/{uuid.uuid4().hex}"
+    if is_zip(location):
+        staging += zip_staging_suffix
+    paths = {inst.sop_uid: file_id for inst, file_id in assign_file_ids(instances)}
+    return StorePlan(location=location, staging=staging, paths=paths)

@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import tomlkit
-from pydicom import dcmread
 
-from studyvault.dicomdir import build_dicomdir
 from studyvault.errors import IntegrityError, StorageError, StorageOfflineError
 from studyvault.keyfile import FORMAT_VERSION
-from studyvault.naming import assign_file_ids, is_safe_relpath
+from studyvault.naming import is_safe_relpath
 from studyvault.plugins.folder_archive import layout
 from studyvault.plugins.folder_archive.fileset import manifest, write_zip
 from studyvault.plugins.folder_archive.layout import DICOMDIR, NOT_INSTANCES, is_zip
@@ -311,14 +309,7 @@ class S3Archive(Storage):
 
     # -- storing ----------------------------------------------------------------------
     def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
-        location = study.copies.get(self.id) if self.id else None
-        if not location:
-            location = self._new_location(study)
-        staging = f"{STAGING}/{uuid.uuid4().hex}"
-        if is_zip(location):
-            staging += layout.ZIP_SUFFIX
-        paths = {inst.sop_uid: file_id for inst, file_id in assign_file_ids(instances)}
-        return StorePlan(location=location, staging=staging, paths=paths)
+        return layout.plan_store(study, instances, self.id, self._new_location, layout.ZIP_SUFFIX)
 
     def _new_location(self, study: StudyRecord) -> str:
         for location in layout.candidates(study, self.settings.naming, self.settings.zip):
@@ -367,6 +358,8 @@ class S3Archive(Storage):
     ) -> None:
         bucket = self.bucket
         threshold = self.settings.multipart_threshold_mb * 1024 * 1024
+        from studyvault.dicomdir import build_dicomdir  # pydicom loads only when storing
+
         dicomdir = build_dicomdir(study, [(inst, file_id) for inst, _, file_id in items])
         dicomdir_sha = hashlib.sha256(dicomdir).hexdigest()
         digests = [(DICOMDIR, dicomdir_sha)]
@@ -486,6 +479,8 @@ class S3Archive(Storage):
     def _study_uid_in(self, location: str) -> str:
         try:
             with self.open_file(location, DICOMDIR) as f:
+                from pydicom import dcmread
+
                 records = dcmread(f, force=True).DirectoryRecordSequence
             return next(
                 str(r.StudyInstanceUID) for r in records if r.DirectoryRecordType == "STUDY"
