@@ -212,7 +212,7 @@ class StudyIndex:
                     if not cursor.next():
                         return
                 for key, value in cursor:
-                    if not key.startswith(prefix):
+                    if not bytes(key).startswith(prefix):
                         break
                     rows.append((bytes(key), bytes(value)))
                     if len(rows) >= chunk:
@@ -236,7 +236,7 @@ class StudyIndex:
     def study_of_sop(self, sop_uid: str) -> str | None:
         with self._read() as txn:
             raw = txn.get(_k(sop_uid), db=self._db["sops"])
-        return None if raw is None else raw.decode("utf-8", "surrogateescape")
+        return None if raw is None else bytes(raw).decode("utf-8", "surrogateescape")
 
     def get_instance(self, study_uid: str, sop_uid: str) -> InstanceRecord | None:
         with self._read() as txn:
@@ -408,7 +408,7 @@ class IndexWriter:
 
     def study_of_sop(self, sop_uid: str) -> str | None:
         raw = self.txn.get(_k(sop_uid), db=self._db["sops"])
-        return None if raw is None else raw.decode("utf-8", "surrogateescape")
+        return None if raw is None else bytes(raw).decode("utf-8", "surrogateescape")
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         prefix = _k(study_uid) + SEP
@@ -416,7 +416,7 @@ class IndexWriter:
         out = []
         if cursor.set_range(prefix):
             for key, value in cursor:
-                if not key.startswith(prefix):
+                if not bytes(key).startswith(prefix):
                     break
                 out.append(_instance_decoder.decode(value))
         return out
