@@ -135,12 +135,16 @@ def schedule_text(plan: Plan) -> str:
     return plan.window.describe() if plan.window else "<unscheduled>"
 
 
+def is_running(state: TaskState) -> bool:
+    """A run is in progress in a live process."""
+    return state.running and _alive(state.pid)
+
+
 def status_text(state: TaskState) -> str:
     """``Ready``, ``34/1001 studies (2%) [0 errors]`` while running, or the last result."""
-    if state.running and _alive(state.pid):
+    if is_running(state):
         pct = 100 * state.done // state.total if state.total else 0
-        text = f"{state.done}/{state.total} studies ({pct}%) [{state.errors} errors]"
-        return f"Paused: {text}" if state.paused else text
+        return f"{state.done}/{state.total} studies ({pct}%) [{state.errors} errors]"
     if state.running:
         return f"Interrupted at {state.done}/{state.total} studies [{state.errors} errors]"
     return state.last_result or "Ready"
@@ -376,8 +380,7 @@ def request_stop(vault: Vault, name: str) -> bool:
         from .errors import UnknownTaskError
 
         raise UnknownTaskError(f"no storage task named {name!r}")
-    state = vault.index.task_state(name)
-    if not (state.running and _alive(state.pid)):
+    if not is_running(vault.index.task_state(name)):
         return False
 
     def change(s: TaskState) -> None:

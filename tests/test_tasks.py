@@ -339,6 +339,9 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
     assert row["status"].startswith(f"{row['done']}/6 studies (")
     second = subprocess.run([*sv, "tasks", "run", "Slow"], env=env, capture_output=True, text=True)
     assert second.returncode == 2 and "is already running" in second.stderr
+    remove = subprocess.run([*sv, "tasks", "remove", "Slow"], env=env, capture_output=True,
+                            text=True)
+    assert remove.returncode == 2 and "stop it first" in remove.stderr
     stop = subprocess.run([*sv, "tasks", "stop", "Slow"], env=env, capture_output=True, text=True)
     assert "Asked Slow to stop" in stop.stdout
     out, err = runner.communicate(timeout=60)

@@ -10,7 +10,15 @@ import typer
 
 from ..config import TaskConfig, append_table, edit_config, remove_table
 from ..errors import TaskError, UnknownTaskError
-from ..tasks import TaskRunner, describe, plan_task, request_stop, schedule_text, status_text
+from ..tasks import (
+    TaskRunner,
+    describe,
+    is_running,
+    plan_task,
+    request_stop,
+    schedule_text,
+    status_text,
+)
 from ..vault import Vault
 from .common import JsonOption, confirm, console, print_json, print_table, progress_reporter, state
 
@@ -158,7 +166,7 @@ def remove_cmd(ctx: typer.Context, name: str) -> None:
     """Remove a task (not while it runs)."""
     vault = state(ctx).vault()
     _get(vault, name)
-    if vault.index.task_state(name).running and request_stop(vault, name):
+    if is_running(vault.index.task_state(name)):
         raise TaskError(f"task {name!r} is running; stop it first (studyvault tasks stop)")
     edit_config(vault.config.path, lambda doc: remove_table(doc, "tasks", name))
     vault.index.delete_task_state(name)
