@@ -96,7 +96,11 @@ def _copy_plain(src: IO[bytes], out: IO[bytes]) -> int:
     whose staged copy the engine re-reads and checks against the recorded SHA-256."""
     try:
         src_fd, out_fd = src.fileno(), out.fileno()
+        # a buffered reader that has read ahead has its descriptor past its position
+        fresh = src.tell() == 0 and os.lseek(src_fd, 0, os.SEEK_CUR) == 0
     except (AttributeError, OSError, io.UnsupportedOperation):
+        return _copy_userspace(src, out)
+    if not fresh:
         return _copy_userspace(src, out)
     out.flush()
     size = 0
