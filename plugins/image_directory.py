@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -192,11 +193,12 @@ class ImageDirectory(OnlineStorage):
                         yield f"studies/{shard.name}/{study.name}"
 
     def iter_files(self, location: str) -> Iterator[tuple[str, Opener]]:
-        folder = self.root / location
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.is_file() and not entry.name.startswith("."):
-                path = Path(entry.path)
-                yield entry.name, (lambda p=path: open(p, "rb"))
+        # plain strings and an unbuffered open: verify and rebuild call this for every
+        # file, and pathlib's parsing per file was a third of verify's time on small files
+        with os.scandir(self.root / location) as entries:
+            found = [e for e in entries if not e.name.startswith(".") and e.is_file()]
+        for entry in sorted(found, key=lambda e: e.name):
+            yield entry.name, partial(open, entry.path, "rb", buffering=0)
 
     def staging_leftovers(self) -> list[str]:
         staging = self.root / "staging"
