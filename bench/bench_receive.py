@@ -11,6 +11,10 @@ It writes N small (~50 KB) and N large (~10 MB) CT instances with
 storescp
     ``storescp -od DIR PORT`` (no fork), receiving into a fresh folder. It writes each
     file without fsync.
+pynetdicom
+    ``bench/pynetdicom_scp.py``: pynetdicom writing each data set as received, nothing
+    more (no header reading, hashing, fsync or index). The floor for any receiver on
+    pynetdicom, which the design prescribes: its ratio to storescp bounds studyvault's.
 studyvault
     ``studyvault serve`` on a fresh config made by ``studyvault init``, receiving into its
     image directory: header read, durable write (fsync of the file and its folder)
@@ -158,6 +162,32 @@ def studyvault_command() -> str:
     return str(script) if script.exists() else (shutil.which("studyvault") or "studyvault")
 
 
+def run_pynetdicom(case: Case, work: Path) -> float:
+    """Time ``bench/pynetdicom_scp.py`` (pynetdicom writing what it receives, nothing
+    more) receiving the case: the floor for any receiver built on pynetdicom."""
+    out = work / "pynetdicom"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    port = free_port()
+    script = Path(__file__).resolve().with_name("pynetdicom_scp.py")
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(out), str(port)],
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_echo(port, server, "pynetdicom_scp.py")
+        seconds = send(case, port)
+    finally:
+        server.terminate()
+        server.wait()
+    stored = sum(1 for _ in out.iterdir())
+    if stored != case.files:
+        sys.exit(f"bench_receive.py: pynetdicom_scp.py stored {stored} of {case.files} files")
+    return seconds
+
+
 def run_storescp(case: Case, work: Path) -> tuple[float, float]:
     """Time storescp receiving the case, and then ``sync`` of the files it wrote and of
     their folder (storescp itself never fsyncs; studyvault answers only durable files).
@@ -265,34 +295,40 @@ def main(argv: list[str] | None = None) -> int:
                 groups = make_files(work / f"{name}-{senders}", count, size, senders)
                 cases.append(Case(name, senders, groups))
         times: dict[str, dict[str, list[float]]] = {
-            c.label: {"dcmtk": [], "synced": [], "sv": [], "resend": []} for c in cases
+            c.label: {"dcmtk": [], "synced": [], "pynetdicom": [], "sv": [], "resend": []}
+            for c in cases
         }
         for round_ in range(args.repeat):
             for case in cases:
                 row = times[case.label]
                 received, synced = run_storescp(case, work)
+                floor = run_pynetdicom(case, work)
                 first, resend = run_studyvault(case, work)
                 row["dcmtk"].append(received)
                 row["synced"].append(received + synced)
+                row["pynetdicom"].append(floor)
                 row["sv"].append(first)
                 row["resend"].append(resend)
                 print(
                     f"round {round_ + 1}: {case.label}: storescp {received:.2f} s "
-                    f"(+ sync {synced:.2f} s), studyvault {first:.2f} s "
+                    f"(+ sync {synced:.2f} s), pynetdicom {floor:.2f} s, studyvault {first:.2f} s "
                     f"(resend {resend:.2f} s)",
                     flush=True,
                 )
         print()
         print(
-            f"{'case':<26} {'storescp':>9} {'+sync':>7} {'studyvault':>11} {'ratio':>6} "
+            f"{'case':<26} {'storescp':>9} {'+sync':>7} {'pynetdicom':>11} {'ratio':>6} "
+            f"{'studyvault':>11} {'ratio':>6} "
             f"{'to +sync':>8} {'files/s':>8} {'MB/s':>7} {'resend':>7} {'ratio':>6}"
         )
         for case in cases:
             row = times[case.label]
             dcmtk, synced = median(row["dcmtk"]), median(row["synced"])
             sv, again = median(row["sv"]), median(row["resend"])
+            floor = median(row["pynetdicom"])
             print(
-                f"{case.label:<26} {dcmtk:8.2f}s {synced:6.2f}s {sv:10.2f}s {sv / dcmtk:6.2f} "
+                f"{case.label:<26} {dcmtk:8.2f}s {synced:6.2f}s {floor:10.2f}s "
+                f"{floor / dcmtk:6.2f} {sv:10.2f}s {sv / dcmtk:6.2f} "
                 f"{sv / synced:8.2f} {case.files / sv:8,.0f} {case.bytes / 1e6 / sv:7,.1f} "
                 f"{again:6.2f}s {again / dcmtk:6.2f}"
             )
