@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import msgspec
 
@@ -155,11 +156,89 @@ def _findings(storage: Storage, study: StudyRecord, location: str) -> StudyFindi
     )
 
 
-def _hash(opener: Opener) -> tuple[str, int] | OSError:
+def _hash(opener: Opener) -> tuple[str, int] | str:
+    """(SHA-256, size) of one file, or why it could not be read."""
     try:
         return _sha256(opener)
     except OSError as exc:  # StorageError too: a damaged zip member
-        return exc
+        return exc.strerror or str(exc)
+
+
+class _Read(msgspec.Struct, array_like=True):
+    """What was found on disk for one study copy: the files listed (None when the
+    listing failed, with ``why``) and the outcome of hashing those asked for."""
+
+    listed: list[str] | None
+    why: str = ""
+    hashed: dict[str, tuple[str, int] | str] = {}
+
+
+def _read_copy(
+    storage: Storage, location: str, wanted: list[str], pool: ThreadPoolExecutor | None = None
+) -> _Read:
+    """List the study at ``location`` and hash those of the ``wanted`` paths it holds."""
+    try:
+        present = listing(storage, location)
+    except OSError as exc:
+        why = "the study folder is missing" if isinstance(exc, FileNotFoundError) else str(exc)
+        return _Read(listed=None, why=why)
+    todo = [path for path in wanted if path in present]
+    openers = [present[path] for path in todo]
+    hashed = pool.map(_hash, openers) if pool is not None else map(_hash, openers)
+    return _Read(listed=list(present), hashed=dict(zip(todo, hashed, strict=True)))
+
+
+def _wanted(
+    storage: Storage, instances: list[InstanceRecord], sample: float, rng: random.Random | None
+) -> list[str]:
+    """The paths of the instances to hash: all, or each with probability ``sample``."""
+    paths = [inst.paths[storage.id] for inst in instances if storage.id in inst.paths]
+    if sample >= 1.0:
+        return paths
+    draw = rng or random
+    return [path for path in paths if draw.random() < sample]
+
+
+def _judge(
+    storage: Storage, study: StudyRecord, instances: list[InstanceRecord], read: _Read
+) -> _Checked:
+    """Compare what was read of the copy of ``study`` in ``storage`` with the index."""
+    location = study.copies[storage.id]
+    found = _findings(storage, study, location)
+    checked = _Checked(findings=found)
+    listed = set(read.listed or ())
+    expected: set[str] = set()
+    for inst in instances:
+        path = inst.paths.get(storage.id)
+        if path is None:
+            continue  # added while the study was fetched: not in this (older) copy
+        expected.add(path)
+        if read.listed is None:
+            found.missing.append(FileFinding(path=path, sop_uid=inst.sop_uid, detail=read.why))
+            continue
+        if path not in listed:
+            found.missing.append(FileFinding(path=path, sop_uid=inst.sop_uid))
+            continue
+        outcome = read.hashed.get(path)
+        if outcome is None:
+            continue  # not in the sample
+        if isinstance(outcome, str):
+            found.unreadable.append(FileFinding(path=path, sop_uid=inst.sop_uid, detail=outcome))
+            continue
+        digest, size = outcome
+        checked.files += 1
+        checked.bytes += size
+        if digest != inst.sha256:
+            found.changed.append(
+                FileFinding(
+                    path=path,
+                    sop_uid=inst.sop_uid,
+                    detail=f"SHA-256 {_short(digest)}, the index records {_short(inst.sha256)}",
+                )
+            )
+    for path in sorted(listed - expected):
+        found.unknown.append(FileFinding(path=path, detail="not in the index"))
+    return checked
 
 
 def verify_copy(
@@ -176,52 +255,43 @@ def verify_copy(
 
     :param pool: hash the files on these threads (worth it for large files only).
     """
-    location = study.copies[storage.id]
-    found = _findings(storage, study, location)
-    checked = _Checked(findings=found)
-    try:
-        present = listing(storage, location)
-    except OSError as exc:
-        why = "the study folder is missing" if isinstance(exc, FileNotFoundError) else str(exc)
-        for inst in instances:
-            if storage.id in inst.paths:
-                found.missing.append(
-                    FileFinding(path=inst.paths[storage.id], sop_uid=inst.sop_uid, detail=why)
-                )
-        return checked
-    expected: set[str] = set()
-    to_hash: list[tuple[InstanceRecord, str, Opener]] = []
-    for inst in instances:
-        path = inst.paths.get(storage.id)
-        if path is None:
-            continue  # added while the study was fetched: not in this (older) copy
-        expected.add(path)
-        opener = present.get(path)
-        if opener is None:
-            found.missing.append(FileFinding(path=path, sop_uid=inst.sop_uid))
-        elif sample >= 1.0 or (rng or random).random() < sample:
-            to_hash.append((inst, path, opener))
-    openers = [opener for _, _, opener in to_hash]
-    hashed = pool.map(_hash, openers) if pool is not None else map(_hash, openers)
-    for (inst, path, _), outcome in zip(to_hash, hashed, strict=True):
-        if isinstance(outcome, OSError):
-            detail = outcome.strerror or str(outcome)
-            found.unreadable.append(FileFinding(path=path, sop_uid=inst.sop_uid, detail=detail))
-            continue
-        digest, size = outcome
-        checked.files += 1
-        checked.bytes += size
-        if digest != inst.sha256:
-            found.changed.append(
-                FileFinding(
-                    path=path,
-                    sop_uid=inst.sop_uid,
-                    detail=f"SHA-256 {_short(digest)}, the index records {_short(inst.sha256)}",
-                )
-            )
-    for path in sorted(set(present) - expected):
-        found.unknown.append(FileFinding(path=path, detail="not in the index"))
-    return checked
+    wanted = _wanted(storage, instances, sample, rng)
+    read = _read_copy(storage, study.copies[storage.id], wanted, pool)
+    return _judge(storage, study, instances, read)
+
+
+# -- reading in worker processes --------------------------------------------------------
+# Per file, verify is Python's work more than hashing: on small files one process is
+# bound by the interpreter lock, so the command line spreads the reading and hashing
+# over forked worker processes (the parent keeps the index and the judging). Only for
+# storages whose files are local paths: a forked process must not reuse the parent's
+# network connections (S3), and never inside the service (threads and fork do not mix).
+
+#: the storages the forked workers read, set before the pool forks
+_forked_storages: dict[str, Storage] = {}
+#: a batch closes at this many files or bytes
+_BATCH_FILES = 64
+_BATCH_BYTES = 64 << 20
+
+
+def _read_batch(batch: list[tuple[str, str, list[str]]]) -> list[_Read]:
+    """In a worker process: read each (storage id, location, wanted paths)."""
+    return [_read_copy(_forked_storages[sid], loc, wanted) for sid, loc, wanted in batch]
+
+
+def _process_pool(processes: int, storages: list[Storage]) -> Any:
+    """A pool of ``processes`` forked workers that can read ``storages``, or None when
+    worker processes cannot be used here (one CPU, no fork, or not asked for)."""
+    import multiprocessing
+
+    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    local = [s for s in storages if not s.url_scheme]
+    if not local:
+        return None
+    _forked_storages.clear()
+    _forked_storages.update((s.id, s) for s in local)
+    return multiprocessing.get_context("fork").Pool(processes)
 
 
 def verify_study(vault: Vault, study: StudyRecord, storage: Storage) -> list[str]:
@@ -241,6 +311,48 @@ def _still_there(vault: Vault, storage: Storage, found: StudyFindings) -> bool:
     return now is not None and now.copies.get(storage.id) == found.location
 
 
+def _read_forked(
+    forked: Any,
+    storage: Storage,
+    studies: Iterator[tuple[StudyRecord, list[InstanceRecord], int]],
+    sample: float,
+    in_flight: int,
+) -> Iterator[tuple[StudyRecord, list[InstanceRecord], _Read]]:
+    """Read ``studies`` of ``storage`` on the forked workers, in batches, at most
+    ``in_flight`` batches ahead (memory stays flat); yields in the studies' order."""
+    from collections import deque
+
+    pending: deque[tuple[list[tuple[StudyRecord, list[InstanceRecord]]], Any]] = deque()
+    batch: list[tuple[StudyRecord, list[InstanceRecord]]] = []
+    jobs: list[tuple[str, str, list[str]]] = []
+    files = size = 0
+
+    def submit() -> None:
+        nonlocal batch, jobs, files, size
+        pending.append((batch, forked.apply_async(_read_batch, (jobs,))))
+        batch, jobs, files, size = [], [], 0, 0
+
+    def drain(keep: int) -> Iterator[tuple[StudyRecord, list[InstanceRecord], _Read]]:
+        while len(pending) > keep:
+            done, outcome = pending.popleft()
+            for (study, instances), read in zip(done, outcome.get(), strict=True):
+                yield study, instances, read
+
+    for study, instances, study_seed in studies:
+        rng = random.Random(study_seed) if sample < 1.0 else None
+        wanted = _wanted(storage, instances, sample, rng)
+        batch.append((study, instances))
+        jobs.append((storage.id, study.copies[storage.id], wanted))
+        files += len(wanted)
+        size += study.size
+        if files >= _BATCH_FILES or size >= _BATCH_BYTES:
+            submit()
+            yield from drain(in_flight)
+    if batch:
+        submit()
+    yield from drain(0)
+
+
 def verify(
     vault: Vault,
     storage_name: str | None = None,
@@ -249,6 +361,7 @@ def verify(
     seed: int | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    processes: int = 1,
 ) -> VerifyReport:
     """Verify every study copy in one storage (or all): see the module docstring.
 
@@ -260,6 +373,9 @@ def verify(
     :param seed: makes the sample reproducible.
     :param progress: called as ``progress(studies_done, studies_total)``.
     :param workers: threads reading files at the same time (default: up to 4).
+    :param processes: forked worker processes that read and hash the files of storages
+        on local paths (the command line's choice; 1 reads in this process, on
+        ``workers`` threads). Not for a process that runs threads of its own.
     """
     started = time.monotonic()
     storages = [vault.storage(storage_name)] if storage_name else list(vault.storages.values())
@@ -301,22 +417,35 @@ def verify(
         if progress is not None:
             progress(done, total)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
-        for storage, result in readable:
-            for study, instances, study_seed in studies(storage):
-                # files are hashed on the pool only when they are large: for small ones
-                # Python's own cost per file dominates, and threads would only contend
-                # for the interpreter lock
-                large = study.size >= _THREADED_BYTES * max(study.instance_count, 1)
-                checked = verify_copy(
-                    storage,
-                    study,
-                    instances,
-                    sample=sample,
-                    rng=random.Random(study_seed) if sample < 1.0 else None,
-                    pool=pool if workers > 1 and large else None,
-                )
-                collect(storage, result, checked)
+    forked = _process_pool(processes, [s for s, _ in readable])
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
+            for storage, result in readable:
+                if forked is not None and storage.id in _forked_storages:
+                    for study, instances, read in _read_forked(
+                        forked, storage, studies(storage), sample, 2 * processes
+                    ):
+                        collect(storage, result, _judge(storage, study, instances, read))
+                    continue
+                for study, instances, study_seed in studies(storage):
+                    # files are hashed on the pool only when they are large: for small
+                    # ones Python's own cost per file dominates, and threads would only
+                    # contend for the interpreter lock
+                    large = study.size >= _THREADED_BYTES * max(study.instance_count, 1)
+                    checked = verify_copy(
+                        storage,
+                        study,
+                        instances,
+                        sample=sample,
+                        rng=random.Random(study_seed) if sample < 1.0 else None,
+                        pool=pool if workers > 1 and large else None,
+                    )
+                    collect(storage, result, checked)
+    finally:
+        if forked is not None:
+            forked.terminate()
+            forked.join()
+            _forked_storages.clear()
     problems.sort(key=lambda p: (p.storage, p.study_date, p.study_uid))
     ok = not problems and all(r.verified or r.status == Status.UNMOUNTED.value for r in results)
     return VerifyReport(

@@ -132,6 +132,33 @@ def test_a_deleted_file_is_missing_and_a_stray_file_is_unknown(home, run, store)
     assert f"missing: {files[0].name}" in text and "unknown: notes.txt: not in the index" in text
 
 
+def test_worker_processes_find_what_one_process_finds(home, run, store, monkeypatch):
+    """The command line reads local storages on forked workers, in batches: the same
+    report as reading in the process, for every kind of finding, in study order."""
+    from studyvault import integrity
+    from studyvault.vault import Vault
+
+    files = online_files(home)
+    files[0].unlink()  # missing
+    flip_byte(files[-1], 300)  # changed
+    (files[-1].parent / "stray.dcm").write_bytes(b"x")  # unknown
+    shutil.rmtree(archive_instances(store / "arch")[0].parent.parent.parent)  # folder gone
+    monkeypatch.setattr(integrity, "_BATCH_FILES", 1)  # a batch per study: order matters
+    vault = Vault.open()
+    try:
+        alone = integrity.verify(vault, processes=1)
+        forked = integrity.verify(vault, processes=2)
+    finally:
+        vault.close()
+    assert not alone.ok and len(alone.problems) == 3
+    for report in (alone, forked):
+        report.seconds = 0.0
+    assert forked == alone
+    kinds = {k for p in forked.problems for k in ("missing", "changed", "unknown") if getattr(p, k)}
+    assert kinds == {"missing", "changed", "unknown"}
+    assert integrity._forked_storages == {}  # the workers are gone with their storages
+
+
 def test_verify_a_sample(home, run, store):
     result = run("verify", "--sample", "50%", "--seed", "3", "--json")
     assert result.code == 0

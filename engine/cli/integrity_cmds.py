@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -57,7 +58,11 @@ def verify_cmd(
     if storage is not None:
         vault.storage(storage)  # an unknown name is bad input: exit 2 before any work
     with progress_reporter("Verifying", "studies") as progress:
-        report = verify(vault, storage, sample=fraction, seed=seed, progress=progress)
+        # worker processes: per small file the work is Python's, not the hash's
+        processes = min(4, os.cpu_count() or 1)
+        report = verify(
+            vault, storage, sample=fraction, seed=seed, progress=progress, processes=processes
+        )
     if json:
         print_json(report)
     else:
