@@ -76,6 +76,8 @@ class FolderArchive(Storage):
             )
         )
         self._zips = ZipReader()
+        # staging name -> instances read back and checked while it was written
+        self._vouched: dict[str, set[str]] = {}
         self._key_stamp: tuple[int, int, int] | None = None
         self._key_id = ""
 
@@ -193,21 +195,28 @@ class FolderArchive(Storage):
         )
         staging = resolve(self.root, plan.staging, "staging name")
         self._zips.forget(staging)
+        self._vouched.pop(plan.staging, None)
         remove_tree(staging)
         if not staging.parent.exists():
             staging.parent.mkdir(parents=True)
             fsync_dir(self.root)
         try:
             if is_zip(plan.staging):
-                write_zip(staging, study, items)
+                write_zip(staging, study, items)  # read back by the engine
             else:
                 write_folder(staging, study, items)
+                self._vouched[plan.staging] = {inst.sop_uid for inst, _, _ in items}
         except BaseException as exc:
             # a half-written staging is never published: clear it for the next attempt
             remove_tree(staging)
             if isinstance(exc, OSError) and not isinstance(exc, StorageError):
                 raise os_error(exc, staging) from exc
             raise
+
+    def verified_on_write(self, plan: StorePlan, instances: list[InstanceRecord]) -> set[str]:
+        # a folder's instance files were each read back once durable and checked against
+        # their recorded SHA-256 by write_folder (zips are read back by the engine)
+        return self._vouched.pop(plan.staging, set()) & {i.sop_uid for i in instances}
 
     def publish(self, plan: StorePlan) -> None:
         staging = resolve(self.root, plan.staging, "staging name")
