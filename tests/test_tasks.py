@@ -290,6 +290,40 @@ def test_an_error_on_one_study_is_counted_and_the_run_goes_on(home, run, tmp_pat
     assert victim.exists() and not list((tmp_path / "d2").glob("staging/*"))
 
 
+@pytest.mark.parametrize("options", [[], ["--naming", "uid", "--zip"]], ids=["folder", "zip"])
+def test_a_damaged_source_is_never_archived(home, run, tmp_path, old_and_new, options):
+    """The read-back after the staged copy is durable catches a source file that no
+    longer matches its recorded SHA-256: that study stays where it is, whole, and the
+    archive neither lists it nor keeps staging."""
+    run("archives", "add", "Archive", tmp_path / "arch", *options)
+    victim = next(
+        p
+        for p in (home / "images" / "studies").rglob("*.dcm")
+        if sha(p) == sha(old_and_new["OLD^TWO"][1])
+    )
+    damaged = b"encrypted" + victim.read_bytes()[9:]
+    victim.write_bytes(damaged)
+    run(
+        "tasks", "add", "Archive Old", "--action", "archive", "--from", "Image Center Storage",
+        "--to", "Archive", "--older-than-years", "7", "--throttle-ms", "0",
+    )  # fmt: skip
+    result = run("tasks", "run", "Archive Old")
+    assert result.code == 1
+    assert "Completed 2/2 studies [1 errors]" in result.out
+    assert "does not match its recorded SHA-256" in result.out
+    studies = studies_by_patient(run)
+    assert studies["OLD^ONE"]["status"] == "archived"
+    assert studies["OLD^TWO"]["status"] == "online"
+    assert [c["storage"] for c in studies["OLD^TWO"]["copies"]] == ["Image Center Storage"]
+    assert victim.read_bytes() == damaged  # left for verify to report, never "repaired"
+    assert not list((tmp_path / "arch").glob("staging/*"))
+    archived = [p.name for p in (tmp_path / "arch" / "studies").rglob("*") if p.is_dir() or
+                p.suffix == ".zip"]  # fmt: skip
+    assert run("verify", "Archive", "--json").json()["ok"] is True
+    assert archived  # OLD^ONE is there
+    assert run("verify", "Image Center Storage", "--json").json()["ok"] is False
+
+
 def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
     make_study(tmp_path / "s", n_instances=1, study_date="20000101")
     env = {**os.environ, "STUDYVAULT_CONFIG": str(home / "studyvault.toml")}
