@@ -59,6 +59,9 @@ def _register() -> None:
     from . import service_cmds
 
     service_cmds.register(app)
+    from . import estimate_cmds
+
+    estimate_cmds.register(app)
 
 
 _register()
