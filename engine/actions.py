@@ -37,8 +37,9 @@ class ActionContext(Protocol):
         ...
 
     def copy(self, study: StudyRecord, destination: Storage) -> None:
-        """Copy the study to another storage, verified, keeping the source (the copy is
-        not tracked in the index)."""
+        """Copy the study to another storage through the safe transfer protocol, keeping
+        the source; the verified copy is recorded in the index as one more of the
+        study's ``copies``."""
         ...
 
     def delete(self, study: StudyRecord) -> None:
