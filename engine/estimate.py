@@ -3,7 +3,9 @@
 :func:`project` turns a workload (machines, studies a day, working days a year, study
 size, years to keep) into storage per year and in total, in decimal units (1 GB =
 1000 MB, as disks are sold): 10 studies a day on 250 days of 150 MB are 375 GB a year
-per ultrasound machine.
+per ultrasound machine. Kept for 7 years, two such machines need 5.25 TB for the 7
+years, and 6 TB at the most held at once under that retention (the 7 years kept plus
+the year being filled, before the oldest year may be deleted): the seed's "about 6 TB".
 
 :func:`observe` reads the live index: the bytes stored per month (by the time a study's
 newest instance was stored by studyvault, not its study date), the growth per day and
@@ -53,6 +55,9 @@ class Projection(msgspec.Struct, kw_only=True):
     per_year_bytes: int
     total_studies: int
     total_bytes: int
+    #: the most held at once when every study is kept ``years`` and then deleted: the
+    #: years kept plus the year being filled, just before the oldest year may go
+    peak_bytes: int
     years: list[YearRow]
 
 
@@ -97,6 +102,7 @@ def project(workload: Workload) -> Projection:
         per_year_bytes=per_year,
         total_studies=studies_year * workload.years,
         total_bytes=per_year * workload.years,
+        peak_bytes=per_year * (workload.years + 1),
         years=rows,
     )
 

@@ -45,6 +45,8 @@ def test_seed_example_two_ultrasound_machines_for_seven_years(run):
     assert "375 GB per machine per year (2,500 studies)" in out
     assert "750 GB per year for 2 machines (5,000 studies)" in out
     assert "5.25 TB in total for 7 years (35,000 studies)" in out
+    # the seed's "about 6 TB": 7 years kept plus the year being filled
+    assert "6 TB at the most held at once when studies are deleted after 7 years" in out
     assert row(out, "1") == ["1", "5,000", "750 GB", "750 GB"]
     assert row(out, "2") == ["2", "5,000", "750 GB", "1.5 TB"]
     assert row(out, "7") == ["7", "5,000", "750 GB", "5.25 TB"]
@@ -56,6 +58,7 @@ def test_seed_example_two_ultrasound_machines_for_seven_years(run):
     assert p["per_machine_per_year_bytes"] == 375 * GB
     assert p["per_year_bytes"] == 750 * GB
     assert p["total_bytes"] == 5250 * GB
+    assert p["peak_bytes"] == 6000 * GB
     assert p["total_studies"] == 35_000
     assert [y["total_bytes"] for y in p["years"]] == [750 * GB * n for n in range(1, 8)]
     assert data["live"] is None

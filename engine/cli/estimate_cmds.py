@@ -97,6 +97,10 @@ def _print_projection(p: Projection) -> None:
         f"  {size_text(p.total_bytes)} in total for {_n(w.years, 'year')} "
         f"({p.total_studies:,} studies)"
     )
+    _say(
+        f"  {size_text(p.peak_bytes)} at the most held at once when studies are deleted "
+        f"after {_n(w.years, 'year')} (the years kept plus the year being filled)"
+    )
     print_table(
         ["Year", "Studies", "Added", "Total"],
         [
