@@ -162,56 +162,46 @@ def studyvault_command() -> str:
     return str(script) if script.exists() else (shutil.which("studyvault") or "studyvault")
 
 
-def run_pynetdicom(case: Case, work: Path) -> float:
-    """Time ``bench/pynetdicom_scp.py`` (pynetdicom writing what it receives, nothing
-    more) receiving the case: the floor for any receiver built on pynetdicom."""
-    out = work / "pynetdicom"
+def receive_into(case: Case, work: Path, name: str, command: list[str]) -> tuple[float, list[str]]:
+    """Start ``command`` (with OUT and PORT in it replaced) as the receiver writing into
+    a fresh folder ``work/name``, send the case to it and stop it; return the send's
+    seconds and the files it wrote, which must be one per instance."""
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     port = free_port()
-    script = Path(__file__).resolve().with_name("pynetdicom_scp.py")
     server = subprocess.Popen(
-        [sys.executable, str(script), str(out), str(port)],
+        [str(out) if arg == "OUT" else str(port) if arg == "PORT" else arg for arg in command],
         env=environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_echo(port, server, "pynetdicom_scp.py")
-        seconds = send(case, port)
-    finally:
-        server.terminate()
-        server.wait()
-    stored = sum(1 for _ in out.iterdir())
-    if stored != case.files:
-        sys.exit(f"bench_receive.py: pynetdicom_scp.py stored {stored} of {case.files} files")
-    return seconds
-
-
-def run_storescp(case: Case, work: Path) -> tuple[float, float]:
-    """Time storescp receiving the case, and then ``sync`` of the files it wrote and of
-    their folder (storescp itself never fsyncs; studyvault answers only durable files).
-    Returns (receive seconds, sync seconds)."""
-    out = work / "storescp"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    port = free_port()
-    # no -aet: storescp accepts any called AE title
-    server = subprocess.Popen(
-        ["storescp", "-od", str(out), str(port)],
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_echo(port, server, "storescp")
+        wait_for_echo(port, server, name)
         seconds = send(case, port)
     finally:
         server.terminate()
         server.wait()
     files = [str(path) for path in out.iterdir()]
     if len(files) != case.files:
-        sys.exit(f"bench_receive.py: storescp stored {len(files)} of {case.files} files")
+        sys.exit(f"bench_receive.py: {name} stored {len(files)} of {case.files} files")
+    return seconds, files
+
+
+def run_pynetdicom(case: Case, work: Path) -> float:
+    """Time ``bench/pynetdicom_scp.py`` (pynetdicom writing what it receives, nothing
+    more) receiving the case: the floor for any receiver built on pynetdicom."""
+    script = Path(__file__).resolve().with_name("pynetdicom_scp.py")
+    return receive_into(case, work, "pynetdicom", [sys.executable, str(script), "OUT", "PORT"])[0]
+
+
+def run_storescp(case: Case, work: Path) -> tuple[float, float]:
+    """Time storescp receiving the case, and then ``sync`` of the files it wrote and of
+    their folder (storescp itself never fsyncs; studyvault answers only durable files).
+    Returns (receive seconds, sync seconds)."""
+    # no -aet: storescp accepts any called AE title
+    seconds, files = receive_into(case, work, "storescp", ["storescp", "-od", "OUT", "PORT"])
+    out = work / "storescp"
     start = time.perf_counter()
     subprocess.run(["sync", *files, str(out)], check=True)  # fsync of each, not the disk
     return seconds, time.perf_counter() - start
