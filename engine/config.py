@@ -14,7 +14,7 @@ import tomllib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import tomlkit
@@ -70,10 +70,63 @@ class TaskConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     throttle_ms: int = 200
 
 
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class EmailChannel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[alerts.email]]`` entry: alerts sent through an SMTP server. The password
+    is never written in the config: it comes from ``password_env`` or ``password_file``."""
+
+    name: str = ""
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
+    tls: Literal["starttls", "ssl", "none"] = "starttls"
+    user: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    sender: str = msgspec.field(name="from")
+    to: Annotated[list[str], msgspec.Meta(min_length=1)]
+    timeout_s: Positive = 10.0
+
+
+class WebhookChannel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[alerts.webhook]]`` entry: alerts POSTed as JSON to a URL."""
+
+    name: str = ""
+    url: str
+    format: Literal["json", "slack", "teams", "ntfy"] = "json"
+    token_env: str = ""
+    timeout_s: Positive = 10.0
+
+
+class AlertsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[alerts]`` table: what is watched, and how often a problem is repeated."""
+
+    repeat_minutes: Positive = 240.0
+    check_seconds: Positive = 60.0
+    free_warning_gb: Annotated[float, msgspec.Meta(ge=0)] = 50.0
+    free_critical_gb: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    task_overdue_days: Annotated[int, msgspec.Meta(ge=0)] = 8
+    rejected_associations: Annotated[int, msgspec.Meta(ge=0)] = 5
+    rejected_window_minutes: Positive = 60.0
+    email: list[EmailChannel] = []
+    webhook: list[WebhookChannel] = []
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[metrics]`` table: Prometheus metrics and ``/healthz`` of ``serve``."""
+
+    host: str = "127.0.0.1"
+    port: Port = 0
+
+
 class _RawConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     studyvault: Settings = Settings()
     receiver: ReceiverConfig = ReceiverConfig()
     fetch: FetchConfig = FetchConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     image_directories: list[dict[str, Any]] = []
     archives: list[dict[str, Any]] = []
     tasks: list[TaskConfig] = []
@@ -90,6 +143,8 @@ class Config(msgspec.Struct, kw_only=True):
     archives: list[StorageConfig]
     tasks: list[TaskConfig]
     kinds: dict[str, str] = {}  # storage name -> storage kind name
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def base(self) -> Path:
@@ -151,6 +206,7 @@ def parse_config(text: str, path: Path, kinds: Callable[[str], type[Any]] | None
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _refuse_passwords(data, path)
     try:
         raw = msgspec.convert(data, _RawConfig)
     except msgspec.ValidationError as exc:
@@ -215,7 +271,27 @@ def parse_config(text: str, path: Path, kinds: Callable[[str], type[Any]] | None
         archives=decoded["archives"],
         tasks=raw.tasks,
         kinds=kind_names,
+        alerts=raw.alerts,
+        metrics=raw.metrics,
     )
+
+
+def _refuse_passwords(data: dict[str, Any], path: Path) -> None:
+    """A password in clear in the config is refused with a hint (not just "unknown
+    field"): it must come from the environment or a file only the service can read."""
+    alerts = data.get("alerts")
+    if not isinstance(alerts, dict):
+        return
+    for table in ("email", "webhook"):
+        entries = alerts.get(table)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            for key in ("password", "token", "pass", "secret"):
+                if isinstance(entry, dict) and key in entry:
+                    raise ConfigError(
+                        f"{path}: alerts.{table}[{i}].{key}: a secret is never written in "
+                        "the config; name an environment variable (password_env, token_env) "
+                        "or a file readable only by the service (password_file)"
+                    )
 
 
 # -- editing ------------------------------------------------------------------------

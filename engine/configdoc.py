@@ -17,11 +17,20 @@ import re
 import sys
 from collections.abc import Iterator
 from importlib.resources import files
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
-from .config import FetchConfig, ReceiverConfig, Settings, TaskConfig
+from .config import (
+    AlertsConfig,
+    EmailChannel,
+    FetchConfig,
+    MetricsConfig,
+    ReceiverConfig,
+    Settings,
+    TaskConfig,
+    WebhookChannel,
+)
 from .storage import Role, Storage
 
 __all__ = ["field_rows", "render_config_reference", "starter_comments"]
@@ -34,6 +43,8 @@ UNCOMMENTED: dict[tuple[str, str], str] = {
     ("tasks", "name"): "Name shown in lists and used on the command line.",
     ("tasks", "from"): "Storage whose studies the task works on (by name).",
     ("tasks", "to"): "Destination storage (by name), for archive and move.",
+    ("alerts", "email"): "Email channels: the `[[alerts.email]]` entries.",
+    ("alerts", "webhook"): "Webhook channels: the `[[alerts.webhook]]` entries.",
 }
 
 _TABLE = re.compile(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?\s*(#.*)?$")
@@ -137,6 +148,12 @@ def _type_name(tp: Any) -> str:
     if tp is float:
         return "float"
     origin, args = get_origin(tp), get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return "table"
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(f'`"{a}"`' for a in args)
     if origin in (list, tuple, set, frozenset):
         return f"array of {_type_name(args[0])}s" if args else "array"
     if origin is dict:
@@ -205,6 +222,10 @@ def _sections(
         ("[studyvault]", "studyvault", Settings),
         ("[receiver]", "receiver", ReceiverConfig),
         ("[fetch]", "fetch", FetchConfig),
+        ("[alerts]", "alerts", AlertsConfig),
+        ("[[alerts.email]]", "alerts.email", EmailChannel),
+        ("[[alerts.webhook]]", "alerts.webhook", WebhookChannel),
+        ("[metrics]", "metrics", MetricsConfig),
     ):
         yield f"`{title}`", table, field_rows(struct, table, comments)
     for table, role in (("image_directories", Role.IMAGE_DIRECTORY), ("archives", Role.ARCHIVE)):

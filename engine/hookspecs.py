@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .actions import Action
+    from .alerts import Alert
     from .records import StudyRecord
     from .storage import Storage
 
@@ -113,4 +114,19 @@ def studyvault_study_returned(study: StudyRecord, source: Storage, destination: 
     :param study: the study's record after the return.
     :param source: the image directory the online copy left.
     :param destination: the archive that holds the (possibly merged) study.
+    """
+
+
+@_hookspec
+def studyvault_alert(alert: Alert) -> None:
+    """``studyvault serve`` produced an alert message: a problem, a reminder that it
+    lasts, its resolution (see docs/operations.md).
+
+    Called once per message, after the configured channels were tried, so a plugin can
+    route alerts further (an SMS gateway, a ticket system); when a plugin implements
+    this hook, messages are produced even without an email or webhook channel.
+
+    :param alert: the message: ``event`` (problem | reminder | resolved), ``key``
+        (``<kind>:<subject>``), ``severity``, ``title``, ``details``, ``action``;
+        ``subject()`` and ``body()`` give the text the channels send.
     """

@@ -448,10 +448,80 @@ def verify(
             _forked_storages.clear()
     problems.sort(key=lambda p: (p.storage, p.study_date, p.study_uid))
     ok = not problems and all(r.verified or r.status == Status.UNMOUNTED.value for r in results)
-    return VerifyReport(
+    report = VerifyReport(
         ok=ok,
         sample_percent=round(sample * 100, 3),
         seconds=round(time.monotonic() - started, 3),
         storages=results,
         problems=problems,
     )
+    record_verify(vault, report)
+    return report
+
+
+# -- the last verify of each storage (for alerts and metrics) ------------------------------
+
+VERIFY_RECORD = "verify-last.json"
+
+
+class VerifySummary(msgspec.Struct, kw_only=True):
+    """The outcome of the last ``verify`` of one storage, kept in
+    ``<data_dir>/verify-last.json`` for the service's alerts and metrics."""
+
+    storage: str
+    time: float
+    studies: int
+    studies_with_problems: int
+    missing: int = 0
+    changed: int = 0
+    unreadable: int = 0
+    unknown: int = 0
+    sample_percent: float = 100.0
+    examples: list[str] = []  # a few problems, one line each
+
+
+_summaries = msgspec.json.Decoder(dict[str, VerifySummary])
+
+
+def last_verify(vault: Vault) -> dict[str, VerifySummary]:
+    """Storage name -> the outcome of its last verify (storages never verified: absent)."""
+    try:
+        return _summaries.decode((vault.config.data_dir / VERIFY_RECORD).read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return {}
+
+
+def record_verify(vault: Vault, report: VerifyReport) -> None:
+    """Keep the outcome of each storage that ``report`` verified (a failure to write is
+    logged: the verify itself is done)."""
+    import logging
+
+    from .fsutil import atomic_write_bytes
+
+    now = time.time()
+    kept = last_verify(vault)
+    for result in report.storages:
+        if not result.verified:
+            continue
+        found = [p for p in report.problems if p.storage == result.name]
+        kept[result.name] = VerifySummary(
+            storage=result.name,
+            time=now,
+            studies=result.studies,
+            studies_with_problems=result.studies_with_problems,
+            missing=sum(len(p.missing) for p in found),
+            changed=sum(len(p.changed) for p in found),
+            unreadable=sum(len(p.unreadable) for p in found),
+            unknown=sum(len(p.unknown) for p in found),
+            sample_percent=report.sample_percent,
+            examples=[
+                f"study {p.study_uid} ({p.patient_name.replace('^', ' ') or '-'}): {line}"
+                for p in found[:3]
+                for line in p.lines()[:2]
+            ],
+        )
+    try:
+        vault.config.data_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(vault.config.data_dir / VERIFY_RECORD, msgspec.json.encode(kept))
+    except OSError as exc:
+        logging.getLogger(__name__).warning("cannot record the verify outcome: %s", exc)

@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from io import BytesIO
 from typing import Any, cast
 
@@ -168,6 +169,8 @@ class Receiver:
         self._associations: dict[int, AssociationInfo] = {}
         self._activity: dict[int, tuple[Any, float]] = {}  # id -> (association, last store)
         self._last_arrival = -BUSY_AFTER_INSTANCE  # monotonic
+        # (unix time, calling AE title, address, reason) of the latest refusals, for alerts
+        self._rejections: deque[tuple[float, str, str, str]] = deque(maxlen=1000)
         self._ae: AE | None = None
         self._server: Any = None
 
@@ -244,6 +247,11 @@ class Receiver:
                 associations=[msgspec.structs.replace(a) for a in self._associations.values()],
             )
 
+    def recent_rejections(self) -> list[tuple[float, str, str, str]]:
+        """The latest refused associations: (unix time, calling AE title, address, why)."""
+        with self._lock:
+            return list(self._rejections)
+
     def busy_pause(self) -> float:
         """Seconds a task waits before its next study: :data:`BUSY_PAUSE` while an
         association is open or an instance arrived in the last two seconds, else 0."""
@@ -289,6 +297,7 @@ class Receiver:
             return
         with self._lock:
             self._stats.rejected_associations += 1
+            self._rejections.append((time.time(), calling, address, reason))
         log.warning("refused an association from %s at %s: %s", calling, address, reason)
         assoc.acse.send_reject(*code)
         assoc.kill()

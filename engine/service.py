@@ -4,8 +4,11 @@ Start-up, in order: take the exclusive lock ``<data_dir>/serve.lock`` (a second
 ``serve`` on the same data is refused), index what a killed predecessor received but
 did not commit (:func:`~studyvault.incoming.recover_received`), run
 :func:`housekeeping` (journal replay first, so interrupted transfers finish), start the
-receiver and the scheduler. Then the ``schedule`` loop runs the jobs: the task check
-every minute, the free-space watch every five minutes, housekeeping every hour (put
+receiver, the metrics endpoint (``[metrics] port``, :mod:`studyvault.metrics`), the alert
+watch (:mod:`studyvault.watch`, its own thread) and the scheduler. A receiver that cannot
+start is reported as an alert before the service exits. Then the ``schedule`` loop runs
+the jobs: the task check every minute, the free-space watch every five minutes,
+housekeeping every hour (put
 off while a task runs: the two never move studies at once), the status file and a look
 at the config file every two seconds (an edited config -- a task added with
 ``studyvault tasks add`` -- is picked up without a restart; changes to ``[receiver]``
@@ -34,13 +37,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import schedule
 
 from .config import load_config
 from .errors import ConfigError, ServiceError, StudyvaultError
+from .health import Health, check_health
 from .incoming import RECEIVE_LOG, IncomingStore, recover_received
 from .receiver import Receiver, ReceiverStats
 from .scheduler import TaskScheduler
@@ -48,6 +52,10 @@ from .storage import Status
 from .tasks import plan_task, status_text
 from .transfer import replay_journal
 from .vault import Vault
+from .watch import AlertWatcher, receiver_failed
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +189,7 @@ class StatusReport(msgspec.Struct, kw_only=True):
     service: ServiceState | None
     storages: list[StorageState]
     tasks: list[TaskStatus]
+    health: Health | None = None  # receiver up, scheduler alive, storages, oldest fetch
 
 
 _state_decoder = msgspec.json.Decoder(ServiceState)
@@ -237,8 +246,18 @@ def collect_status(vault: Vault) -> StatusReport:
                 errors=st.errors,
             )
         )
+    health = check_health(
+        vault,
+        receiver_up=bool(responding and state and state.receiver and state.receiver.listening),
+        scheduler_alive=responding and state is not None and not state.stopping,
+    )
     return StatusReport(
-        running=running, responding=responding, service=state, storages=storages, tasks=tasks
+        running=running,
+        responding=responding,
+        service=state,
+        storages=storages,
+        tasks=tasks,
+        health=health,
     )
 
 
@@ -302,6 +321,9 @@ class Service:
         self._lock_fd: int | None = None
         self._started = time.time()
         self._config_mtime = self._mtime()
+        self._loop_beat = time.monotonic()  # the run loop's last turn (scheduler alive)
+        self.alerts = AlertWatcher(vault, rejections=self.receiver.recent_rejections)
+        self.metrics: MetricsServer | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> None:
@@ -322,7 +344,13 @@ class Service:
             recover_received(self.vault, self.store.log_path)
             self._housekeeping(replay=True)
             self.store.start()
-            self.receiver.start()
+            try:
+                self.receiver.start()
+            except ServiceError as exc:
+                self._alert_now(receiver_failed(str(exc)))
+                raise
+            self._start_metrics()
+            self.alerts.start()
             self._schedule_jobs()
             self._safe(self._every_minute)()
             self._write_status()
@@ -352,6 +380,9 @@ class Service:
                 log.info("waiting for task %s to finish its current study", self.scheduler.current)
             task_stopper.join()
         finally:
+            self.alerts.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             try:
                 self.store.close()  # commits what was received
             finally:
@@ -444,6 +475,7 @@ class Service:
             log.warning("%s", line)
 
     def _write_status(self, *, stopping: bool = False) -> None:
+        self._loop_beat = time.monotonic()
         state = ServiceState(
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -460,6 +492,37 @@ class Service:
         # not fsynced: the file describes this moment only, and is rewritten in 2 s
         tmp.write_bytes(msgspec.json.encode(state))
         os.replace(tmp, path)
+
+    # -- alerts, metrics, health ------------------------------------------------------
+    def _alert_now(self, condition: Any) -> None:
+        try:
+            self.alerts.report(condition)
+        except Exception:  # noqa: BLE001 -- an alert never makes things worse
+            log.exception("alerts: cannot report %s", condition.key)
+
+    def _up(self) -> tuple[bool, bool]:
+        """(receiver listening, scheduler loop alive)."""
+        alive = time.monotonic() - self._loop_beat < STALE_AFTER and not self._stop.is_set()
+        return self.receiver.stats().listening, alive
+
+    def health(self) -> Health:
+        receiver_up, scheduler_alive = self._up()
+        return check_health(self.vault, receiver_up=receiver_up, scheduler_alive=scheduler_alive)
+
+    def _start_metrics(self) -> None:
+        settings = self.vault.config.metrics
+        if not settings.port:
+            return
+        from prometheus_client import CollectorRegistry
+
+        from .metrics import MetricsServer, VaultCollector, make_app
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(
+            VaultCollector(self.vault, receiver=self.receiver.stats, service_up=self._up)
+        )
+        self.metrics = MetricsServer(settings.host, settings.port, make_app(registry, self.health))
+        self.metrics.start()
 
     # -- config reload ------------------------------------------------------------------
     def _mtime(self) -> float:
@@ -490,6 +553,8 @@ class Service:
                 log.error("%s", exc)
         if _restart_fields(old.receiver) != _restart_fields(config.receiver):
             log.warning("the [receiver] address or AE title changed: restart to apply it")
+        if old.metrics != config.metrics:
+            log.warning("[metrics] changed: restart to apply it")
         log.info("reloaded %s", config.path)
 
 

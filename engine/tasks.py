@@ -369,6 +369,11 @@ class TaskRunner:
             state.last_result = text
             if result.outcome == "completed" and not result.errors:
                 state.last_success = state.finished
+            outcome = result.outcome
+            if outcome == "completed" and result.errors:
+                outcome = "errors"
+            state.outcome = outcome
+            state.runs = {**state.runs, outcome: state.runs.get(outcome, 0) + 1}
 
         self.vault.index.update_task_state(self.plan.task.name, change)
         result.message = text

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import msgspec
 
-from studyvault.config import FetchConfig, ReceiverConfig, Settings, TaskConfig
+from studyvault.config import (
+    AlertsConfig,
+    EmailChannel,
+    FetchConfig,
+    MetricsConfig,
+    ReceiverConfig,
+    Settings,
+    TaskConfig,
+    WebhookChannel,
+)
 from studyvault.configdoc import field_rows, render_config_reference, starter_comments
 from studyvault.manager import load_plugins
 from studyvault.storage import Role
@@ -27,6 +36,10 @@ def _tables() -> list[tuple[str, type[msgspec.Struct]]]:
         ("receiver", ReceiverConfig),
         ("fetch", FetchConfig),
         ("tasks", TaskConfig),
+        ("alerts", AlertsConfig),
+        ("alerts.email", EmailChannel),
+        ("alerts.webhook", WebhookChannel),
+        ("metrics", MetricsConfig),
     ]
     kinds = load_plugins().storage_kinds
     for name in kinds.names():

@@ -62,6 +62,9 @@ def _register() -> None:
     from . import estimate_cmds
 
     estimate_cmds.register(app)
+    from . import ops_cmds
+
+    ops_cmds.register(app)
 
 
 _register()

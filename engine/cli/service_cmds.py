@@ -125,3 +125,15 @@ def _print_status(report: StatusReport) -> None:
             for s in report.storages
         ],
     )
+    health = report.health
+    if health is not None:
+        text = "ok" if health.ok else "NOT OK: " + "; ".join(health.problems)
+        console.print(f"Health:    {text}", markup=False)
+        fetch = health.oldest_fetch
+        if fetch is not None:
+            late = " (OVERDUE)" if fetch.overdue else ""
+            console.print(
+                f"Oldest fetch: {fetch.study_uid} ({fetch.patient_name or '-'}) due back "
+                f"{fetch.fetched_until}{late}",
+                markup=False,
+            )
