@@ -260,38 +260,106 @@ def verify_copy(
     return _judge(storage, study, instances, read)
 
 
-# -- reading in worker processes --------------------------------------------------------
-# Per file, verify is Python's work more than hashing: on small files one process is
-# bound by the interpreter lock, so the command line spreads the reading and hashing
-# over forked worker processes (the parent keeps the index and the judging). Only for
-# storages whose files are local paths: a forked process must not reuse the parent's
-# network connections (S3), and never inside the service (threads and fork do not mix).
-
-#: the storages the forked workers read, set before the pool forks
-_forked_storages: dict[str, Storage] = {}
-#: a batch closes at this many files or bytes
-_BATCH_FILES = 64
-_BATCH_BYTES = 64 << 20
+# -- verifying in worker processes ------------------------------------------------------
+# Per small file, verify is Python's work more than hashing, and one process is bound
+# by the interpreter lock: the command line splits a storage's studies among forked
+# worker processes, each with its own read-only handle on the index (LMDB must not be
+# used through the parent's), that read, hash and judge their share. Only for storages
+# whose files are local paths (a forked process must not reuse the parent's network
+# connections, as S3 clients hold), only for a whole verify (a sample's draws follow the
+# study order), and never in the service (threads and fork do not mix).
 
 
-def _read_batch(batch: list[tuple[str, str, list[str]]]) -> list[_Read]:
-    """In a worker process: read each (storage id, location, wanted paths)."""
-    return [_read_copy(_forked_storages[sid], loc, wanted) for sid, loc, wanted in batch]
+class _Share(msgspec.Struct, kw_only=True):
+    """What one worker process found in its share of a storage's studies."""
+
+    studies: int = 0
+    files: int = 0
+    bytes: int = 0
+    problems: list[StudyFindings] = []
 
 
-def _process_pool(processes: int, storages: list[Storage]) -> Any:
-    """A pool of ``processes`` forked workers that can read ``storages``, or None when
-    worker processes cannot be used here (one CPU, no fork, or not asked for)."""
+#: set by the parent before the workers fork: (index folder, storages by id, counter of
+#: studies done, for the progress shown by the parent)
+_forked: dict[str, Any] = {}
+
+
+def _verify_share(storage_id: str, part: int, parts: int) -> _Share:
+    """In a worker process: verify every ``parts``-th study of the storage, from the
+    ``part``-th on, in UID order."""
+    from .index import StudyIndex
+
+    storage: Storage = _forked["storages"][storage_id]
+    counter = _forked["done"]
+    # the handle inherited from the parent must not be used here; closing it touches
+    # only this process's mappings and descriptors (fcntl locks are not inherited), and
+    # lets the index be opened afresh
+    _forked["parent_index"].close()
+    index = StudyIndex(_forked["index_dir"], readonly=True)
+    share = _Share()
+    try:
+        for n, study in enumerate(index.iter_studies(storage=storage_id)):
+            if n % parts != part:
+                continue
+            checked = verify_copy(storage, study, index.instances(study.study_uid))
+            share.studies += 1
+            share.files += checked.files
+            share.bytes += checked.bytes
+            if not checked.findings.empty():
+                share.problems.append(checked.findings)
+            if share.studies % 16 == 0:
+                with counter.get_lock():
+                    counter.value += 16
+    finally:
+        index.close()
+    return share
+
+
+def _process_pool(vault: Vault, processes: int, storages: list[Storage], sample: float) -> Any:
+    """A pool of ``processes`` forked workers for the local ones of ``storages``, or
+    None when worker processes are not to be used (see above)."""
     import multiprocessing
 
-    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if processes < 2 or sample < 1.0 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    local = [s for s in storages if not s.url_scheme]
+    local = {s.id: s for s in storages if not s.url_scheme}
     if not local:
         return None
-    _forked_storages.clear()
-    _forked_storages.update((s.id, s) for s in local)
-    return multiprocessing.get_context("fork").Pool(processes)
+    context = multiprocessing.get_context("fork")
+    _forked.update(
+        index_dir=vault.config.index_dir,
+        parent_index=vault.index,
+        storages=local,
+        done=context.Value("q", 0),
+    )
+    return context.Pool(processes)
+
+
+def _verify_forked(
+    pool: Any, processes: int, storage: Storage, tick: Callable[[int], None]
+) -> _Share:
+    """Verify ``storage`` on the pool's workers; ``tick(n)`` as they get through studies."""
+    counter = _forked["done"]
+    with counter.get_lock():
+        counter.value = 0
+    pending = pool.starmap_async(
+        _verify_share, [(storage.id, k, processes) for k in range(processes)]
+    )
+    seen = 0
+    while not pending.ready():
+        pending.wait(0.2)
+        now = counter.value
+        if now > seen:
+            tick(now - seen)
+            seen = now
+    total = _Share()
+    for share in pending.get():  # raises what a worker raised
+        total.studies += share.studies
+        total.files += share.files
+        total.bytes += share.bytes
+        total.problems += share.problems
+    tick(total.studies - seen)
+    return total
 
 
 def verify_study(vault: Vault, study: StudyRecord, storage: Storage) -> list[str]:
@@ -309,48 +377,6 @@ def _still_there(vault: Vault, storage: Storage, found: StudyFindings) -> bool:
     same time may have moved it, which is not a finding)."""
     now = vault.index.get_study(found.study_uid)
     return now is not None and now.copies.get(storage.id) == found.location
-
-
-def _read_forked(
-    forked: Any,
-    storage: Storage,
-    studies: Iterator[tuple[StudyRecord, list[InstanceRecord], int]],
-    sample: float,
-    in_flight: int,
-) -> Iterator[tuple[StudyRecord, list[InstanceRecord], _Read]]:
-    """Read ``studies`` of ``storage`` on the forked workers, in batches, at most
-    ``in_flight`` batches ahead (memory stays flat); yields in the studies' order."""
-    from collections import deque
-
-    pending: deque[tuple[list[tuple[StudyRecord, list[InstanceRecord]]], Any]] = deque()
-    batch: list[tuple[StudyRecord, list[InstanceRecord]]] = []
-    jobs: list[tuple[str, str, list[str]]] = []
-    files = size = 0
-
-    def submit() -> None:
-        nonlocal batch, jobs, files, size
-        pending.append((batch, forked.apply_async(_read_batch, (jobs,))))
-        batch, jobs, files, size = [], [], 0, 0
-
-    def drain(keep: int) -> Iterator[tuple[StudyRecord, list[InstanceRecord], _Read]]:
-        while len(pending) > keep:
-            done, outcome = pending.popleft()
-            for (study, instances), read in zip(done, outcome.get(), strict=True):
-                yield study, instances, read
-
-    for study, instances, study_seed in studies:
-        rng = random.Random(study_seed) if sample < 1.0 else None
-        wanted = _wanted(storage, instances, sample, rng)
-        batch.append((study, instances))
-        jobs.append((storage.id, study.copies[storage.id], wanted))
-        files += len(wanted)
-        size += study.size
-        if files >= _BATCH_FILES or size >= _BATCH_BYTES:
-            submit()
-            yield from drain(in_flight)
-    if batch:
-        submit()
-    yield from drain(0)
 
 
 def verify(
@@ -417,15 +443,25 @@ def verify(
         if progress is not None:
             progress(done, total)
 
-    forked = _process_pool(processes, [s for s, _ in readable])
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None and n:
+            progress(done, total)
+
+    forked = _process_pool(vault, processes, [s for s, _ in readable], sample)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
             for storage, result in readable:
-                if forked is not None and storage.id in _forked_storages:
-                    for study, instances, read in _read_forked(
-                        forked, storage, studies(storage), sample, 2 * processes
-                    ):
-                        collect(storage, result, _judge(storage, study, instances, read))
+                if forked is not None and storage.id in _forked["storages"]:
+                    share = _verify_forked(forked, processes, storage, tick)
+                    result.studies += share.studies
+                    result.files += share.files
+                    result.bytes += share.bytes
+                    for found in share.problems:
+                        if _still_there(vault, storage, found):
+                            result.studies_with_problems += 1
+                            problems.append(found)
                     continue
                 for study, instances, study_seed in studies(storage):
                     # files are hashed on the pool only when they are large: for small
@@ -445,7 +481,7 @@ def verify(
         if forked is not None:
             forked.terminate()
             forked.join()
-            _forked_storages.clear()
+            _forked.clear()
     problems.sort(key=lambda p: (p.storage, p.study_date, p.study_uid))
     ok = not problems and all(r.verified or r.status == Status.UNMOUNTED.value for r in results)
     report = VerifyReport(

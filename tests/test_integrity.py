@@ -133,8 +133,9 @@ def test_a_deleted_file_is_missing_and_a_stray_file_is_unknown(home, run, store)
 
 
 def test_worker_processes_find_what_one_process_finds(home, run, store, monkeypatch):
-    """The command line reads local storages on forked workers, in batches: the same
-    report as reading in the process, for every kind of finding, in study order."""
+    """The command line verifies local storages on forked workers, each a share of the
+    studies with its own handle on the index: the same report as one process gives,
+    for every kind of finding."""
     from studyvault import integrity
     from studyvault.vault import Vault
 
@@ -143,11 +144,11 @@ def test_worker_processes_find_what_one_process_finds(home, run, store, monkeypa
     flip_byte(files[-1], 300)  # changed
     (files[-1].parent / "stray.dcm").write_bytes(b"x")  # unknown
     shutil.rmtree(archive_instances(store / "arch")[0].parent.parent.parent)  # folder gone
-    monkeypatch.setattr(integrity, "_BATCH_FILES", 1)  # a batch per study: order matters
     vault = Vault.open()
     try:
         alone = integrity.verify(vault, processes=1)
-        forked = integrity.verify(vault, processes=2)
+        seen: list[tuple[int, int]] = []
+        forked = integrity.verify(vault, processes=2, progress=lambda *p: seen.append(p))
     finally:
         vault.close()
     assert not alone.ok and len(alone.problems) == 3
@@ -156,7 +157,8 @@ def test_worker_processes_find_what_one_process_finds(home, run, store, monkeypa
     assert forked == alone
     kinds = {k for p in forked.problems for k in ("missing", "changed", "unknown") if getattr(p, k)}
     assert kinds == {"missing", "changed", "unknown"}
-    assert integrity._forked_storages == {}  # the workers are gone with their storages
+    assert seen and seen[-1] == (3, 3)  # progress reaches every study
+    assert integrity._forked == {}  # the workers are gone with their storages
 
 
 def test_verify_a_sample(home, run, store):
