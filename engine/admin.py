@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from .config import append_table, edit_config, remove_table, set_key, update_table
-from .errors import StudyvaultError
+from .errors import StorageError, StorageOfflineError, StudyvaultError
 from .keyfile import read_key
-from .storage import Role, Status, Storage
+from .storage import Role, Status, Storage, StorageConfig
 from .vault import Vault
 
 
@@ -163,7 +166,7 @@ def archive_rows(vault: Vault) -> list[StorageRow]:
                 name=storage.name,
                 id=storage.id,
                 kind=storage.kind,
-                path=str(storage.root),
+                path=storage.where(),
                 status=status.value,
                 studies=studies,
                 bytes=size,
@@ -196,47 +199,133 @@ def _check_no_transfer(vault: Vault, storage: Storage, what: str) -> None:
             )
 
 
+#: option names that would put a secret in the config file: always refused
+_CREDENTIAL_WORDS = ("secret", "password", "passwd", "token", "access_key", "credential")
+
+
+def archive_kind(vault: Vault, kind_name: str) -> type[Storage]:
+    """The archive kind called ``kind_name`` (``folder``, ``s3``, a plugin's)."""
+    try:
+        kind = vault.plugins.storage_kinds.get(kind_name)
+    except StudyvaultError as exc:
+        raise StudyvaultError(f"--kind: {exc}") from None
+    if kind.role is not Role.ARCHIVE:
+        raise StudyvaultError(f"--kind: {kind_name!r} is not an archive kind")
+    return kind
+
+
+def _option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def archive_fields(
+    kind: type[Storage], where: str, options: Mapping[str, Any]
+) -> tuple[StorageConfig, dict[str, Any]]:
+    """Check ``options`` (field -> value, strings allowed) for an archive of ``kind`` at
+    ``where``; return the decoded config entry and the fields to write to the config.
+
+    :raises StudyvaultError: for a secret, an unknown setting or a bad value, naming it.
+    """
+    settings = set(kind.config_type.__struct_fields__) - {"name", "id", "mounted"}
+    for key in options:
+        if any(word in key.lower() for word in _CREDENTIAL_WORDS):
+            raise StudyvaultError(
+                f"--option {key}: credentials are never stored in studyvault's config; "
+                f"a {kind.kind} archive takes them from their standard sources (see its docs)"
+            )
+        if key not in settings:
+            raise StudyvaultError(
+                f"--option {key}: not a setting of {kind.kind} archives "
+                f"(settings: {', '.join(sorted(settings))})"
+            )
+    try:
+        fields = kind.config_from_options(where, options)
+    except ValueError as exc:
+        raise StudyvaultError(str(exc)) from None
+    try:
+        entry = msgspec.convert({"name": "-", **fields}, kind.config_type, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        missing = re.match(r"Object missing required field `(\w+)`", text)
+        if missing:
+            raise StudyvaultError(
+                f"{_option_name(missing.group(1))}: required for {kind.kind} archives"
+            ) from None
+        at = re.search(r" - at `\$\.(\w+)`", text)
+        where_ = _option_name(at.group(1)) + ": " if at else ""
+        raise StudyvaultError(f"{where_}{text[: at.start()] if at else text}") from None
+    typed = {key: getattr(entry, key) for key in fields}
+    return entry, typed
+
+
 def add_archive(
     vault: Vault,
     name: str,
-    path: Path,
+    where: Path | str,
     *,
-    naming: str = "readable",
-    zip: bool = False,
+    kind: str = "folder",
+    options: Mapping[str, Any] | None = None,
+    naming: str | None = None,
+    zip: bool | None = None,
     min_free_mb: int = 1024,
 ) -> StorageRow:
-    """Create a folder archive in an empty or new folder and add it to the config.
+    """Create an archive of ``kind`` (a new folder archive in an empty or new folder, an
+    S3 archive in an empty prefix...) and add it to the config. One path for every kind:
+    the options are checked against the kind's config, the kind creates its key, then
+    the config entry is written.
 
-    :raises StudyvaultError: for a taken name or folder, bad options, a folder that
-        holds other files, or one that already is a folder archive (mount it instead).
+    :param where: a folder, or a URL of the kind's :attr:`~Storage.url_scheme` (may be
+        empty when the options say where).
+    :param options: more settings of the kind's config entry (field -> value).
+    :raises StudyvaultError: for a taken name or place, bad options, a place that holds
+        other files, or one that already is an archive (mount it instead).
     """
     _check_new_name(vault, name)
-    if naming not in ("readable", "uid"):
+    storage_kind = archive_kind(vault, kind)
+    values: dict[str, Any] = dict(options or {})
+    settings = storage_kind.config_type.__struct_fields__
+    if naming is not None and naming not in ("readable", "uid"):
         raise StudyvaultError(f"--naming: must be readable or uid, not {naming!r}")
+    # written out even when they are the defaults, so the entry shows the choice
+    if naming is not None or "naming" in settings:
+        values.setdefault("naming", naming or "readable")
+    if zip or "zip" in settings:
+        values.setdefault("zip", bool(zip))
     if min_free_mb < 0:
         raise StudyvaultError(f"--min-free-mb: must be 0 or more, not {min_free_mb}")
-    root = path.expanduser().resolve()
-    for other in vault.storages.values():
-        if other.root.resolve() == root:
-            raise StudyvaultError(f"PATH: {root} is already the folder of {other.name!r}")
-    if (root / ARCHIVE_KEY).exists():
+    values.setdefault("min_free_mb", min_free_mb)
+    place = str(where or "")
+    if not storage_kind.url_scheme:
+        if not place:
+            raise StudyvaultError(f"PATH: required for {kind} archives")
+        root = Path(place).expanduser().resolve()
+        place = str(root)
+        for other in vault.storages.values():
+            if other.root.resolve() == root:
+                raise StudyvaultError(f"PATH: {root} is already the folder of {other.name!r}")
+    entry, fields = archive_fields(storage_kind, place, values)
+    storage_id = str(uuid.uuid4())
+    storage = storage_kind(
+        msgspec.structs.replace(entry, name=name, id=storage_id), vault.config.base
+    )
+    if storage.url_scheme:
+        for other in vault.archives():
+            if other.kind == storage.kind and other.where() == storage.where():
+                raise StudyvaultError(f"{storage.where()} is already the place of {other.name!r}")
+    try:
+        storage.key()
+    except StorageOfflineError:
+        raise
+    except StorageError:
+        pass  # no key there: a new archive
+    else:
         raise StudyvaultError(
-            f"PATH: {root} already is a folder archive; add it with "
-            f"`studyvault archives mount {root}`"
+            f"{storage.where()} already is a {kind} archive; add it with "
+            f"`studyvault archives mount {storage.where()}`"
         )
-    kind = vault.plugins.storage_kinds.get("folder")
-    values = {
-        "name": name,
-        "kind": "folder",
-        "id": str(uuid.uuid4()),
-        "path": str(root),
-        "naming": naming,
-        "zip": zip,
-        "min_free_mb": min_free_mb,
-    }
-    entry = msgspec.convert({k: v for k, v in values.items() if k != "kind"}, kind.config_type)
-    kind(entry, vault.config.base).create()
-    config = edit_config(vault.config.path, lambda doc: append_table(doc, "archives", values))
+    storage.create()
+    record = {"name": name, "kind": kind, "id": storage_id, **fields}
+    config = edit_config(vault.config.path, lambda doc: append_table(doc, "archives", record))
     _reload(vault, config)
     return _archive_row(vault, name)
 
@@ -255,15 +344,67 @@ def unmount_archive(vault: Vault, name: str) -> StorageRow:
     return _archive_row(vault, name)
 
 
-def mount_archive(vault: Vault, path: Path) -> MountResult:
-    """Mount the folder archive at ``path``: a known one (by the id in its key) is
-    pointed at ``path`` and set mounted; an unknown one is added to the config under the
-    name in its key (made unique) and its studies are indexed, except those marked as
-    moved out of studyvault.
+def mount_archive(
+    vault: Vault, where: Path | str, *, options: Mapping[str, Any] | None = None
+) -> MountResult:
+    """Mount the archive at ``where`` (a folder holding a folder archive key, or a URL
+    such as ``s3://bucket/prefix`` with ``options`` saying how to reach it): a known one
+    (by the id in its key) is pointed there and set mounted; an unknown one is added to
+    the config under the name in its key (made unique) and its studies are indexed,
+    except those marked as moved out of studyvault.
 
-    :raises StudyvaultError: when ``path`` holds no folder archive key, or is the folder
-        of another mounted storage.
+    :raises StudyvaultError: when ``where`` holds no archive key, cannot be reached, or
+        is the folder of another mounted storage.
     """
+    text = str(where)
+    if "://" in text:
+        kind, fields, key = _locate_url(vault, text, options or {})
+        fallback = text.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        if options:
+            raise StudyvaultError(f"--option: a folder archive ({text}) takes no options")
+        kind, fields, key = _locate_folder(vault, Path(text))
+        fallback = Path(fields["path"]).name
+    known = vault.storage_by_id(key["id"])
+    if known is not None:
+        if known.role is not Role.ARCHIVE:
+            raise StudyvaultError(f"{text} is configured as image directory {known.name!r}")
+        values: dict[str, Any] = dict(fields)
+        if "mounted" in known.config_type.__struct_fields__:
+            values["mounted"] = True
+        config = edit_config(
+            vault.config.path, lambda doc: update_table(doc, "archives", known.name, values)
+        )
+        _reload(vault, config)
+        return MountResult(archive=_archive_row(vault, known.name), registered=False)
+    name = _unique_name(vault, str(key.get("name") or fallback))
+    entry: dict[str, Any] = {"name": name, "kind": kind.kind, "id": key["id"], **fields}
+    settings = kind.config_type.__struct_fields__
+    if "naming" in settings:
+        entry["naming"] = (
+            key.get("naming") if key.get("naming") in ("readable", "uid") else "readable"
+        )
+    if "zip" in settings:
+        entry["zip"] = key.get("compression") == "zip"
+    entry.setdefault("min_free_mb", 1024)
+    config = edit_config(vault.config.path, lambda doc: append_table(doc, "archives", entry))
+    _reload(vault, config)
+    from .scan import index_storage
+
+    summary = index_storage(vault, vault.storage(name))
+    return MountResult(
+        archive=_archive_row(vault, name),
+        registered=True,
+        studies_indexed=summary.studies,
+        moved_out=summary.moved_out,
+        skipped=summary.skipped,
+    )
+
+
+def _locate_folder(
+    vault: Vault, path: Path
+) -> tuple[type[Storage], dict[str, Any], dict[str, Any]]:
+    """The folder archive kind, its config fields and its key, for mounting ``path``."""
     root = path.expanduser().resolve()
     key_path = root / ARCHIVE_KEY
     if not key_path.exists():
@@ -283,39 +424,39 @@ def mount_archive(vault: Vault, path: Path) -> MountResult:
                 raise StudyvaultError(
                     f"PATH: {root} is the folder of {other.name!r}; unmount it first"
                 )
-    if known is not None:
-        if known.role is not Role.ARCHIVE:
-            raise StudyvaultError(f"PATH: {root} is configured as image directory {known.name!r}")
-        values: dict[str, object] = {"path": str(root)}
-        if "mounted" in known.config_type.__struct_fields__:
-            values["mounted"] = True
-        config = edit_config(
-            vault.config.path, lambda doc: update_table(doc, "archives", known.name, values)
-        )
-        _reload(vault, config)
-        return MountResult(archive=_archive_row(vault, known.name), registered=False)
-    name = _unique_name(vault, str(key.get("name") or root.name))
-    entry = {
-        "name": name,
-        "kind": "folder",
-        "id": key["id"],
-        "path": str(root),
-        "naming": key.get("naming") if key.get("naming") in ("readable", "uid") else "readable",
-        "zip": key.get("compression") == "zip",
-        "min_free_mb": 1024,
-    }
-    config = edit_config(vault.config.path, lambda doc: append_table(doc, "archives", entry))
-    _reload(vault, config)
-    from .scan import index_storage
+    return vault.plugins.storage_kinds.get("folder"), {"path": str(root)}, key
 
-    summary = index_storage(vault, vault.storage(name))
-    return MountResult(
-        archive=_archive_row(vault, name),
-        registered=True,
-        studies_indexed=summary.studies,
-        moved_out=summary.moved_out,
-        skipped=summary.skipped,
-    )
+
+def _locate_url(
+    vault: Vault, url: str, options: Mapping[str, Any]
+) -> tuple[type[Storage], dict[str, Any], dict[str, Any]]:
+    """The kind whose URL scheme ``url`` has, its config fields and the key found there.
+    Settings not given are taken from a configured archive at the same URL (mounting an
+    unmounted archive again needs no options)."""
+    scheme = url.split("://", 1)[0].lower()
+    registry = vault.plugins.storage_kinds
+    kinds = [registry.get(n) for n in registry.names() if registry.get(n).url_scheme == scheme]
+    if not kinds or kinds[0].role is not Role.ARCHIVE:
+        raise StudyvaultError(f"{url}: no archive kind takes {scheme}:// URLs")
+    kind = kinds[0]
+    entry, fields = archive_fields(kind, url, options)
+    here = kind(entry, vault.config.base).where()
+    for other in vault.archives():
+        if other.kind == kind.kind and other.where() == here:
+            entry = msgspec.structs.replace(other.config, **{k: getattr(entry, k) for k in fields})
+            break
+    storage = kind(msgspec.structs.replace(entry, name=url), vault.config.base)
+    try:
+        key = storage.key()
+    except StorageOfflineError as exc:
+        raise StudyvaultError(f"{url}: cannot be reached: {exc}") from None
+    except StorageError as exc:
+        raise StudyvaultError(
+            f"{url} holds no archive key ({exc}); create one with `studyvault archives add`"
+        ) from None
+    if key.get("kind", kind.kind) != kind.kind:
+        raise StudyvaultError(f"{url} holds a {key.get('kind')} archive, not {kind.kind}")
+    return kind, fields, key
 
 
 def _unique_name(vault: Vault, base: str) -> str:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 import msgspec
 
@@ -76,6 +76,9 @@ class Storage(ABC):
     kind: ClassVar[str]
     role: ClassVar[Role]
     config_type: ClassVar[type[StorageConfig]] = StorageConfig
+    #: URL scheme naming storages of this kind (``s3`` for ``archives mount
+    #: s3://bucket/prefix``); empty for kinds that live in a folder
+    url_scheme: ClassVar[str] = ""
 
     def __init__(self, config: StorageConfig, base: Path | None = None) -> None:
         self.config = config
@@ -86,6 +89,35 @@ class Storage(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} at {self.root}>"
+
+    @classmethod
+    def config_from_options(cls, where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The config entry's fields (without ``name`` and ``id``) for ``archives add
+        NAME WHERE --kind KIND --option key=value...`` and ``archives mount WHERE``.
+
+        :param where: a folder path, or a URL of :attr:`url_scheme`; may be empty when
+            the options say where the storage is.
+        :param options: field name -> value; values may be strings, they are converted
+            to the fields' types by the caller.
+        :raises ValueError: for options that make no sense together (the message is
+            shown to the user).
+        """
+        return {"path": where, **options} if where else dict(options)
+
+    def where(self) -> str:
+        """Where the storage lives, as lists show it and ``archives mount`` takes it:
+        its folder, or a URL for kinds with a :attr:`url_scheme`."""
+        return str(self.root)
+
+    def key(self) -> dict[str, Any]:
+        """The fields of the storage's identity (key file or object) at its configured
+        place: at least ``id``; ``name``, ``naming``, ``compression`` when the kind has them.
+
+        :raises StorageError: when there is none or it cannot be read (the default).
+        """
+        from .errors import StorageError
+
+        raise StorageError(f"{self.name}: a {self.kind} storage has no key to read")
 
     # -- identity and state -------------------------------------------------------
     @abstractmethod
@@ -142,6 +174,14 @@ class Storage(ABC):
     ) -> None:
         """Write every instance (and any per-study files) into staging, durably
         (fsync files and folders). Called again after a crash: start afresh."""
+
+    def verified_on_write(self, plan: StorePlan, instances: list[InstanceRecord]) -> set[str]:
+        """SOPInstanceUIDs of staged instances that this storage already verified
+        against their recorded SHA-256 while :meth:`write_staging` stored them (an object
+        store that checked a SHA-256 checksum sent with the upload), so the engine does
+        not read them back. Only for the staging just written by this object; the
+        default vouches for none."""
+        return set()
 
     @abstractmethod
     def publish(self, plan: StorePlan) -> None:

@@ -110,6 +110,17 @@ def verify_copy(storage: Storage, location: str, items: list[tuple[InstanceRecor
             )
 
 
+def verify_staged(storage: Storage, plan: StorePlan, instances: list[InstanceRecord]) -> None:
+    """Step 3: check the staged copy against the recorded SHA-256 of every instance,
+    reading back each one the storage did not verify itself while writing it."""
+    vouched = storage.verified_on_write(plan, instances)
+    verify_copy(
+        storage,
+        plan.staging,
+        [(i, plan.paths[i.sop_uid]) for i in instances if i.sop_uid not in vouched],
+    )
+
+
 def transfer_study(
     vault: Vault,
     study_uid: str,
@@ -171,7 +182,7 @@ def transfer_study(
             plan, study, [(i, _opener_for(vault, study, i, source)) for i in instances]
         )
         failpoint("staged")
-        verify_copy(destination, plan.staging, [(i, plan.paths[i.sop_uid]) for i in instances])
+        verify_staged(destination, plan, instances)
     except BaseException:
         # the study is still whole in its source; throw the attempt away
         destination.discard_staging(plan)

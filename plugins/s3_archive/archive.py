@@ -12,14 +12,20 @@ Keys below the archive's prefix::
     complete/<location>             "study complete" marker, written LAST by a publish:
                                     only studies with one are listed
     moved-out/<location>            the study was moved out of studyvault
-    staging/<token>[.zip]           stores in progress
+    staging/<token>.direct          upload marker of a new study being uploaded straight
+                                    to its location (names the location)
+    staging/<token>[.zip]           a merge in progress (a study already stored here)
     staging/<token>.old             the previous copy, kept aside while a merge publishes
     aside/<staging>                 marker: the aside copy is complete (and where it
                                     belongs)
 
-S3 has no rename: a publish is a server-side copy from staging to the study's
-location, then the marker; a half-done publish is either finished by running it again
-or undone by :meth:`S3Archive.discard_staging`, which puts the aside copy back.
+A new study's objects go straight to its location, which stays unlisted until the
+"complete" marker: publishing is writing that marker, and discarding an unpublished
+upload deletes the objects at the location its upload marker names. S3 has no
+rename, so a merge (a study that grew returns) is uploaded to staging and published
+by a server-side copy, then the marker; a half-done merge publish is either finished
+by running it again or undone by :meth:`S3Archive.discard_staging`, which puts the
+aside copy back.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ import time
 import tomllib
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import tomlkit
 
@@ -60,10 +67,13 @@ KEY_NAME = "studyvault_archive.key"
 COMPLETE = "complete/"
 MOVED_OUT = "moved-out/"
 ASIDE = "aside/"
+#: suffix of the upload marker of a new study uploaded straight to its location
+DIRECT = ".direct"
 STAGING = layout.STAGING
 LAST_STORED = layout.LAST_STORED
 NAMINGS = ("readable", "uid")
 SSE_MODES = ("", "AES256", "aws:kms")
+VERIFY_MODES = ("checksum", "readback")
 #: free space reported when no ``capacity_gb`` is configured (1 PiB: "no limit")
 UNLIMITED = 1 << 50
 #: how long an Online status is trusted before the identity object is read again
@@ -89,6 +99,9 @@ class S3ArchiveConfig(StorageConfig):
     :param multipart_threshold_mb: files at least this large are uploaded in parts.
     :param checksum: send each file's SHA-256 with its upload, so the server rejects a
         damaged body (``x-amz-checksum-sha256``); turn off for stores without it.
+    :param verify: ``checksum``: an object whose upload the server confirmed with the
+        SHA-256 recorded in the index is not read back (the others are);
+        ``readback``: every staged object is read back and hashed.
     :param capacity_gb: free space to report (a quota); 0 reports 1 PiB (no limit).
     :param connect_timeout_s: give up connecting after this long (then: Offline).
     :param max_attempts: attempts per request, retries included.
@@ -107,6 +120,7 @@ class S3ArchiveConfig(StorageConfig):
     mounted: bool = True
     multipart_threshold_mb: int = 64
     checksum: bool = True
+    verify: str = "checksum"
     capacity_gb: int = 0
     connect_timeout_s: float = 3.0
     max_attempts: int = 2
@@ -127,6 +141,17 @@ class S3ArchiveConfig(StorageConfig):
             raise ValueError("multipart_threshold_mb must be at least 5 (S3's smallest part)")
         if self.workers < 1 or self.max_attempts < 1:
             raise ValueError("workers and max_attempts must be at least 1")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be 'checksum' or 'readback', not {self.verify!r}")
+        if "@" in urlsplit(self.endpoint_url).netloc:
+            raise ValueError(
+                "endpoint_url must not hold credentials: give them through the environment "
+                "or an AWS profile"
+            )
+
+
+def _is_direct(staging: str) -> bool:
+    return staging.endswith(DIRECT)
 
 
 def _check(rel: str, what: str = "location") -> str:
@@ -141,6 +166,7 @@ class S3Archive(Storage):
     kind = "s3"
     role = Role.ARCHIVE
     config_type = S3ArchiveConfig
+    url_scheme = "s3"
     settings: S3ArchiveConfig
     id: str
 
@@ -158,6 +184,30 @@ class S3Archive(Storage):
         self._online_until = 0.0
         self._zips = _ZipCache()
         self._ahead = _ReadAhead(lambda: self.bucket)
+        self._direct: dict[str, str] = {}  # upload marker -> location (direct uploads)
+        # staging -> file ID -> (SHA-256, ETag) of the uploads the server confirmed
+        self._confirmed: dict[str, dict[str, tuple[str, str]]] = {}
+        self._vouched: dict[str, set[str]] = {}  # upload target -> files not read back
+        self._empty: set[str] = set()  # direct plans whose location was just found empty
+        self._uploads: dict[str, str] = {}  # direct uploads written here -> study UID
+
+    @classmethod
+    def config_from_options(cls, where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``s3://bucket/prefix`` (or ``--bucket``/``--prefix``) plus the other settings."""
+        fields = dict(options)
+        if where:
+            parts = urlsplit(where)
+            if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(f"{where}: an S3 archive is named s3://BUCKET[/PREFIX]")
+            for field, value in (("bucket", parts.netloc), ("prefix", parts.path.strip("/"))):
+                given = str(fields.get(field, value)).strip("/")
+                if given != value:
+                    raise ValueError(f"--{field} {given!r} contradicts {where}")
+                fields[field] = value
+        return fields
+
+    def where(self) -> str:
+        return self.url
 
     @property
     def bucket(self) -> Bucket:
@@ -309,17 +359,47 @@ class S3Archive(Storage):
 
     # -- storing ----------------------------------------------------------------------
     def plan_store(self, study: StudyRecord, instances: list[InstanceRecord]) -> StorePlan:
-        return layout.plan_store(study, instances, self.id, self._new_location, layout.ZIP_SUFFIX)
+        unpublished: list[str] = []
 
-    def _new_location(self, study: StudyRecord) -> str:
+        def new_location(study: StudyRecord) -> str:
+            location, published = self._new_location(study)
+            if not published:
+                unpublished.append(location)
+            return location
+
+        plan = layout.plan_store(study, instances, self.id, new_location, layout.ZIP_SUFFIX)
+        if unpublished:
+            # a new study is uploaded straight to its location, unlisted until its
+            # "complete" marker: no server-side copy; staging names an upload marker
+            plan.staging = plan.staging.removesuffix(layout.ZIP_SUFFIX) + DIRECT
+            self._empty.add(plan.staging)  # its location was found empty just now
+        return plan
+
+    def _new_location(self, study: StudyRecord) -> tuple[str, bool]:
+        """A free location for ``study`` (or the one it is published at) and whether a
+        copy of it is published there."""
         for location in layout.candidates(study, self.settings.naming, self.settings.zip):
             marker = self._marker(COMPLETE + location)
             if marker is None:
                 if not self._tree(location, is_zip(location)):
-                    return location
+                    return location, False
             elif marker.get("study_uid") == study.study_uid:
-                return location
+                return location, True
         raise StorageError(f"{self.name}: every location for study {study.study_uid} is taken")
+
+    def _target(self, staging: str) -> str:
+        """Where the objects of staging ``staging`` are: below the staging name itself,
+        or, for a direct upload, at the location its upload marker names."""
+        if not _is_direct(staging):
+            return staging
+        location = self._direct.get(staging)
+        if location is None:
+            marker = self._marker(staging) or {}
+            location = str(marker.get("location", ""))
+            if not location.startswith(layout.STUDIES + "/"):
+                raise StorageError(f"{self.bucket.url}{staging}: upload marker names no location")
+            self._direct[staging] = _check(location)
+        return location
 
     def write_staging(
         self,
@@ -337,25 +417,44 @@ class S3Archive(Storage):
             key=lambda item: item[2],
         )
         zipped = is_zip(plan.location)
-        self._zips.forget(staging)
-        self._ahead.forget(staging)
-        self._delete_tree(staging, zipped)  # a killed attempt's objects: start afresh
+        # a location plan_store has just found empty and unlisted needs no clearing
+        empty = staging in self._empty
+        self._empty.discard(staging)
+        if _is_direct(staging):
+            location = _check(plan.location)
+            if not empty and self._marker(COMPLETE + location) is not None:
+                raise StorageError(f"{self.name}: {location} was published meanwhile")
+            # written first, so a killed upload is found again (`check`, discard_staging)
+            self._put_marker(staging, {"location": location, "study_uid": study.study_uid})
+            self._direct[staging] = location
+        target = self._target(staging)
+        self._confirmed.pop(staging, None)
+        self._uploads.pop(staging, None)
+        self._zips.forget(target)
+        self._ahead.forget(target)
+        if not empty:
+            # a killed attempt's objects (never published: the source holds the study)
+            self._delete_tree(target, zipped)
         try:
             if zipped:
-                self._write_zip(staging, study, items)
+                self._write_zip(target, study, items)
             else:
-                self._write_objects(staging, study, items)
+                self._confirmed[staging] = self._write_objects(target, study, items)
+            if _is_direct(staging):
+                self._uploads[staging] = study.study_uid
         except BaseException:
             # a half-written staging is never published: clear it for the next attempt
             try:
-                self._delete_tree(staging, zipped)
+                self._delete_tree(target, zipped)
             except StorageError as exc:
                 log.warning("%s: cannot clear staging %s: %s", self.name, staging, exc)
             raise
 
     def _write_objects(
-        self, staging: str, study: StudyRecord, items: list[tuple[InstanceRecord, Opener, str]]
-    ) -> None:
+        self, target: str, study: StudyRecord, items: list[tuple[InstanceRecord, Opener, str]]
+    ) -> dict[str, tuple[str, str]]:
+        """Upload every file below ``target``; return file ID -> (SHA-256, ETag) of each
+        instance the server confirmed it stored byte for byte."""
         bucket = self.bucket
         threshold = self.settings.multipart_threshold_mb * 1024 * 1024
         from studyvault.dicomdir import build_dicomdir  # pydicom loads only when storing
@@ -364,18 +463,25 @@ class S3Archive(Storage):
         dicomdir_sha = hashlib.sha256(dicomdir).hexdigest()
         digests = [(DICOMDIR, dicomdir_sha)]
         checksum = self.settings.checksum
-        futures = [
+        confirmed: dict[str, tuple[str, str]] = {}
+        futures: list[Future[Any]] = [
             bucket.pool.submit(
                 bucket.put_bytes,
-                f"{staging}/{DICOMDIR}",
+                f"{target}/{DICOMDIR}",
                 dicomdir,
                 dicomdir_sha if checksum else None,
             )
         ]
+
+        def put(rel: str, file_id: str, data: bytes, digest: str) -> None:
+            etag = bucket.put_bytes(rel, data, digest if checksum else None)
+            if etag:
+                confirmed[file_id] = (digest, etag)
+
         # small files are read here and uploaded by the pool, a bounded number ahead
         window = self.settings.workers * 2
         for inst, opener, file_id in items:
-            rel = f"{staging}/{file_id}"
+            rel = f"{target}/{file_id}"
             if inst.size >= threshold:
                 with opener() as src:
                     hashing = _Hashing(src)
@@ -386,11 +492,7 @@ class S3Archive(Storage):
                     data = src.read()
                 digest = hashlib.sha256(data).hexdigest()
                 if not inst.sha256 or digest == inst.sha256:
-                    futures.append(
-                        bucket.pool.submit(
-                            bucket.put_bytes, rel, data, digest if checksum else None
-                        )
-                    )
+                    futures.append(bucket.pool.submit(put, rel, file_id, data, digest))
             if inst.sha256 and digest != inst.sha256:
                 raise IntegrityError(
                     f"{self.name}: instance {inst.sop_uid} read {digest[:12]}…, the index "
@@ -405,26 +507,53 @@ class S3Archive(Storage):
         futures.append(
             bucket.pool.submit(
                 bucket.put_bytes,
-                f"{staging}/{layout.MANIFEST}",
+                f"{target}/{layout.MANIFEST}",
                 text,
                 hashlib.sha256(text).hexdigest() if checksum else None,
             )
         )
         _wait(futures)
+        return confirmed
 
     def _write_zip(
-        self, staging: str, study: StudyRecord, items: list[tuple[InstanceRecord, Opener, str]]
+        self, target: str, study: StudyRecord, items: list[tuple[InstanceRecord, Opener, str]]
     ) -> None:
         with tempfile.TemporaryDirectory(prefix="studyvault-s3-") as tmp:
             part = Path(tmp) / "study.zip"
             write_zip(part, study, items)  # checks every instance against the index
             with open(part, "rb") as src:
-                self.bucket.upload(staging, src)
+                self.bucket.upload(target, src)
+
+    def verified_on_write(self, plan: StorePlan, instances: list[InstanceRecord]) -> set[str]:
+        """With ``verify = "checksum"``: the instances whose upload the server confirmed
+        (ETag = MD5 of the bytes sent, or the SHA-256 echoed) and whose SHA-256, computed
+        from those bytes, is the one the index records; one listing then checks that each
+        is still that object (same ETag) with its size. The others are read back by the
+        engine."""
+        confirmed = self._confirmed.pop(plan.staging, None)
+        if self.settings.verify != "checksum" or not confirmed:
+            return set()
+        target = self._target(plan.staging)
+        base = target + "/"
+        listed = {
+            rel[len(base) :]: (size, etag) for rel, size, etag in self.bucket.list_objects(base)
+        }
+        vouched = set()
+        for inst in instances:
+            path = plan.paths.get(inst.sop_uid, "")
+            digest, etag = confirmed.get(path, ("", ""))
+            if digest == inst.sha256 and listed.get(path) == (inst.size, etag):
+                vouched.add(inst.sop_uid)
+        self._vouched[target] = {plan.paths[uid] for uid in vouched}
+        return vouched
 
     def publish(self, plan: StorePlan) -> None:
         location = _check(plan.location)
         staging = _check(plan.staging, "staging name")
         zipped = is_zip(location)
+        if _is_direct(staging):
+            self._publish_direct(location, staging, zipped)
+            return
         aside = staging + ".old"
         marker = self._marker(COMPLETE + location)
         staged = self._tree(staging, zipped)
@@ -448,30 +577,55 @@ class S3Archive(Storage):
         self._copy_tree(staging, location, zipped)
         # the new copy is in studyvault again, even if the old one was moved out
         self.bucket.delete([MOVED_OUT + location])
-        stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-        self._publish_marker(
-            location,
-            {
-                "study_uid": study_uid,
-                "staging": staging,
-                "stored": stamp,
-            },
-        )
+        self._publish_marker(location, {"study_uid": study_uid, "staging": staging})
         self._cleanup(staging, aside, zipped)
-        try:
-            self.bucket.put_bytes(LAST_STORED, (stamp + "\n").encode())
-        except StorageError as exc:  # shown in lists only
-            log.warning("%s: cannot record the last store time: %s", self.name, exc)
+        self._record_last_stored()
+
+    def _publish_direct(self, location: str, staging: str, zipped: bool) -> None:
+        """Publish a direct upload: its objects are at ``location`` already; the
+        "complete" marker lists it."""
+        verified_here = self._uploads.pop(staging, None)
+        if verified_here is not None:
+            # written and verified by this object just now (its caches are forgotten
+            # once published): nothing to look up
+            self._publish_marker(location, {"study_uid": verified_here, "staging": staging})
+            self._record_last_stored()
+        elif self._marker(COMPLETE + location) is None:
+            if not self._tree(location, zipped):
+                raise StorageError(
+                    f"{self.bucket.url}{location}: the upload is missing and it is not published"
+                )
+            upload = self._marker(staging) or {}
+            study_uid = str(upload.get("study_uid", "")) or self._study_uid_in(location)
+            self._publish_marker(location, {"study_uid": study_uid, "staging": staging})
+            self._record_last_stored()
+        # published (its marker written): the upload marker is no longer needed
+        self.bucket.delete([staging])
+        self._forget(staging, location)
 
     def _publish_marker(self, location: str, fields: dict[str, Any]) -> None:
         """Write the "study complete" marker: the study is listed from now on."""
-        self._put_marker(COMPLETE + location, fields)
+        self._put_marker(COMPLETE + location, {"stored": _now(), **fields})
+
+    def _record_last_stored(self) -> None:
+        try:
+            self.bucket.put_bytes(LAST_STORED, (_now() + "\n").encode())
+        except StorageError as exc:  # shown in lists only
+            log.warning("%s: cannot record the last store time: %s", self.name, exc)
+
+    def _forget(self, staging: str, target: str) -> None:
+        self._direct.pop(staging, None)
+        self._uploads.pop(staging, None)
+        self._empty.discard(staging)
+        self._confirmed.pop(staging, None)
+        self._vouched.pop(target, None)
+        self._zips.forget(target)
+        self._ahead.forget(target)
 
     def _cleanup(self, staging: str, aside: str, zipped: bool) -> None:
         # the new copy is published (its marker written): staging and the copy kept
         # aside are no longer needed
-        self._zips.forget(staging)
-        self._ahead.forget(staging)
+        self._forget(staging, staging)
         self._delete_tree(staging, zipped)
         self._delete_tree(aside, zipped)
         self.bucket.delete([ASIDE + staging])
@@ -490,6 +644,19 @@ class S3Archive(Storage):
 
     def discard_staging(self, plan: StorePlan) -> None:
         staging = _check(plan.staging, "staging name")
+        if _is_direct(staging):
+            upload = self._marker(staging)
+            location = str((upload or {}).get("location", ""))
+            if not location and plan.location != staging:
+                location = plan.location
+            if location.startswith(layout.STUDIES + "/") and is_safe_relpath(location):
+                if self._marker(COMPLETE + location) is None:
+                    # never published: the study is whole in its source (journal phase
+                    # "started"), these objects are an unverified upload
+                    self._delete_tree(location, is_zip(location))
+                self._forget(staging, location)
+            self.bucket.delete([staging])
+            return
         aside_marker = self._marker(ASIDE + staging)
         if aside_marker is not None:
             location = _check(str(aside_marker.get("location", "")))
@@ -508,12 +675,22 @@ class S3Archive(Storage):
     def open_file(self, location: str, path: str) -> IO[bytes]:
         location = _check(location)
         _check(path, "file path")
+        staged = location.startswith(STAGING + "/")
+        if staged:
+            location = self._target(location)
         if is_zip(location):
-            return self._zips.open(self.bucket, location, path)
-        if location.startswith(STAGING + "/"):
-            # the engine verifies staging by opening every file in turn: read them all
-            # back from the bucket in parallel as soon as the first is asked for
-            return self._ahead.open(location, path, lambda: self._tree(location, False))
+            # verifying a staged zip opens every member in turn: trust the copy just
+            # downloaded instead of asking for its ETag each time
+            return self._zips.open(self.bucket, location, path, trust=staged)
+        if staged:
+            # the engine verifies staging by opening every file it has not verified in
+            # turn: read them all back in parallel as soon as the first is asked for
+            skip = self._vouched.get(location, set())
+            return self._ahead.open(
+                location,
+                path,
+                lambda: [(p, n) for p, n in self._tree(location, False) if p not in skip],
+            )
         return self.bucket.open(f"{location}/{path}")
 
     def iter_studies(self) -> Iterator[str]:
@@ -566,6 +743,10 @@ class S3Archive(Storage):
         if key is None:
             raise StorageError(f"{self.bucket.url}{KEY_NAME}: key not found")
         return key
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
 def _wait(futures: list[Future[Any]]) -> None:
@@ -630,7 +811,7 @@ class _ReadAhead:
             futures = {
                 f"{staging}/{p}": self._bucket.pool.submit(self._fetch, f"{staging}/{p}")
                 for p, _ in tree()
-                if p not in (path, layout.MANIFEST)
+                if p != path and p not in NOT_INSTANCES  # the engine reads instances only
             }
             with self._lock:
                 self._pending.update(futures)
@@ -664,11 +845,11 @@ class _ZipCache:
         self._lock = threading.Lock()
         self._reader = ZipReader()
 
-    def _local(self, bucket: Bucket, rel: str) -> Path:
+    def _local(self, bucket: Bucket, rel: str, trust: bool = False) -> Path:
         with self._lock:
             cached = self._files.get(rel)
             fresh = cached is not None and time.monotonic() - cached[2] < TRUST_SECONDS
-            if cached is not None and fresh and rel.startswith(STAGING + "/"):
+            if cached is not None and fresh and (trust or rel.startswith(STAGING + "/")):
                 # a staging zip (a new name each attempt) just downloaded: verifying it
                 # opens every member in turn
                 self._files.move_to_end(rel)
@@ -704,8 +885,8 @@ class _ZipCache:
     def members(self, bucket: Bucket, rel: str) -> dict[str, Any]:
         return self._reader.members(self._local(bucket, rel))
 
-    def open(self, bucket: Bucket, rel: str, name: str) -> IO[bytes]:
-        return self._reader.open(self._local(bucket, rel), name)
+    def open(self, bucket: Bucket, rel: str, name: str, trust: bool = False) -> IO[bytes]:
+        return self._reader.open(self._local(bucket, rel, trust), name)
 
     def forget(self, rel: str) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ instead of hanging.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import threading
 from collections.abc import Iterator
@@ -145,16 +146,32 @@ class Bucket:
         except BotoCoreError as exc:
             raise self.error(exc, rel) from None
 
-    def put_bytes(self, rel: str, data: bytes, sha256: str | None = None) -> None:
-        """Write one object. With ``sha256`` (hex) the server checks the body against it
-        (``x-amz-checksum-sha256``) and rejects a damaged upload."""
-        extra = self._sse()
+    def put_bytes(self, rel: str, data: bytes, sha256: str | None = None) -> str:
+        """Write one object. The server checks the body against its MD5 (``Content-MD5``)
+        and, with ``sha256`` (hex), against that (``x-amz-checksum-sha256``), and rejects
+        a damaged upload.
+
+        :returns: the object's ETag when the server confirmed it stored these bytes (the
+            ETag is their MD5, or it echoed the SHA-256 sent: SSE-KMS ETags are not
+            MD5s), else "".
+        """
+        extra: dict[str, Any] = self._sse()
+        md5 = hashlib.md5(data, usedforsecurity=False)
+        extra["ContentMD5"] = base64.b64encode(md5.digest()).decode("ascii")
+        sent = ""
         if sha256:
-            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+            sent = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+            extra["ChecksumSHA256"] = sent
         try:
-            self.client.put_object(Bucket=self.name, Key=self.key(rel), Body=data, **extra)
+            response = self.client.put_object(
+                Bucket=self.name, Key=self.key(rel), Body=data, **extra
+            )
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc, rel) from None
+        etag = str(response.get("ETag", "")).strip('"')
+        if etag == md5.hexdigest() or (sent and response.get("ChecksumSHA256") == sent):
+            return etag
+        return ""
 
     def upload(self, rel: str, src: Any) -> None:
         """Upload a readable binary stream, in parts when it is larger than the
@@ -207,6 +224,11 @@ class Bucket:
     # -- many objects -----------------------------------------------------------------
     def list_keys(self, rel: str) -> list[tuple[str, int]]:
         """(relative key, size) of every object whose key starts with ``rel``, sorted."""
+        return [(key, size) for key, size, _ in self.list_objects(rel)]
+
+    def list_objects(self, rel: str) -> list[tuple[str, int, str]]:
+        """(relative key, size, ETag) of every object whose key starts with ``rel``,
+        sorted."""
         found = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -214,7 +236,8 @@ class Bucket:
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    found.append((item["Key"][len(self.prefix) :], int(item["Size"])))
+                    key = item["Key"][len(self.prefix) :]
+                    found.append((key, int(item["Size"]), str(item.get("ETag", "")).strip('"')))
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc, rel) from None
         return sorted(found)
