@@ -15,6 +15,7 @@ from .config import append_table, edit_config, remove_table, set_key, update_tab
 from .errors import StorageError, StorageOfflineError, StudyvaultError
 from .keyfile import read_key
 from .storage import Role, Status, Storage, StorageConfig
+from .tasks import refuse_if_used
 from .vault import Vault
 
 
@@ -100,6 +101,7 @@ def add_image_directory(
 
 def remove_image_directory(vault: Vault, name: str) -> None:
     storage = vault.image_directory(name)
+    refuse_if_used(vault, name)
     studies, _ = vault.index.count_storage(storage.id)
     if studies:
         raise StudyvaultError(
@@ -471,6 +473,7 @@ def remove_archive(vault: Vault, name: str) -> None:
     """Remove an archive from the config, only when the index lists no study in it.
     Its folder is left on disk."""
     storage = archive_named(vault, name)
+    refuse_if_used(vault, name)
     studies, _ = vault.index.count_storage(storage.id)
     if studies:
         raise StudyvaultError(

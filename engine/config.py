@@ -169,6 +169,10 @@ class Config(msgspec.Struct, kw_only=True):
     def task(self, name: str) -> TaskConfig | None:
         return next((t for t in self.tasks if t.name == name), None)
 
+    def tasks_using(self, storage: str) -> list[TaskConfig]:
+        """The tasks whose ``from`` or ``to`` names the storage called ``storage``."""
+        return [t for t in self.tasks if storage in (t.from_, t.to)]
+
 
 _FIELD_RE = re.compile(r" - at `\$(?P<where>[^`]*)`")
 
@@ -331,6 +335,10 @@ def remove_table(doc: tomlkit.TOMLDocument, array: str, name: str) -> None:
     for i, item in enumerate(items):
         if item.get("name") == name:
             del items[i]
+            if not len(items):
+                # tomlkit would write an empty array of tables as `array = []` at the top
+                # of the file, which a later append turns into invalid TOML
+                del doc[array]
             return
 
 
@@ -382,14 +390,29 @@ def starter_config(image_dir_id: str | None = None) -> str:
 
 
 def write_starter(folder: Path) -> Path:
-    """Create ``folder`` with a starter config and an image directory; refuse to
-    overwrite an existing config."""
+    """Create ``folder`` with a starter config and its image directory; refuse to
+    overwrite an existing config.
+
+    The image directory's folder and key are made here, before the config names it:
+    studyvault never creates the folder of an image directory the config already has
+    (a missing one is Offline: an unmounted disk must not be replaced by an empty
+    folder on the system disk).
+    """
+    from .manager import load_plugins
+
     folder = Path(folder)
     path = folder / CONFIG_NAME
     if path.exists():
         raise ConfigError(f"{path}: a config file is already there; not overwriting it")
     folder.mkdir(parents=True, exist_ok=True)
+    kinds = load_plugins().storage_kinds
     text = starter_config()
-    parse_config(text, path)
+    config = parse_config(text, path, kinds.get)
+    for entry in config.image_directories:
+        storage = kinds.get(config.kinds[entry.name])(entry, config.base)
+        storage_id = storage.create()
+        if storage_id != entry.id:  # the folder already is an image directory: keep its id
+            text = starter_config(storage_id)
+            parse_config(text, path, kinds.get)
     atomic_write_bytes(path, text.encode("utf-8"))
     return path

@@ -57,6 +57,15 @@ class IndexCorruptError(StudyvaultError, RuntimeError):
     """The LMDB index cannot be opened or read; `studyvault index rebuild` recreates it."""
 
 
+class IndexMissingError(IndexCorruptError):
+    """The index is missing (or new and empty) while a storage holds studies: it was
+    deleted or lost, not empty; `studyvault index rebuild` recreates it."""
+
+
+class StorageInUseError(StudyvaultError, RuntimeError):
+    """A storage cannot be removed: a storage task still names it."""
+
+
 class TaskError(StudyvaultError, RuntimeError):
     """A storage task is invalid or cannot run now."""
 

@@ -65,11 +65,11 @@ from .fsutil import atomic_write_bytes, fsync_dir
 from .ingest import Ingestor, Outcome
 from .records import InstanceHeader
 from .storage import OnlineStorage, Status
+from .vault import RECEIVE_LOG as RECEIVE_LOG  # also for the service
 from .vault import Vault
 
 log = logging.getLogger(__name__)
 
-RECEIVE_LOG = "receiving.log"
 _STATUS_RECHECK = 30.0  # seconds between checks that a storage in use is still online
 
 

@@ -22,6 +22,7 @@ from .actions import Action
 from .config import TaskConfig
 from .errors import (
     StorageFullError,
+    StorageInUseError,
     StorageOfflineError,
     StudyvaultError,
     TaskError,
@@ -108,6 +109,38 @@ def plan_task(vault: Vault, task: TaskConfig, today: dt.date | None = None) -> P
     except ValueError as exc:
         raise TaskError(f"{where}: {exc}") from None
     return Plan(task, action, source, destination, date_from, date_to, window)
+
+
+def refuse_if_used(vault: Vault, name: str) -> None:
+    """Refuse to remove the storage called ``name`` while a task names it as its
+    ``from`` or ``to``: the task could no longer run, nor be listed."""
+    users = [t.name for t in vault.config.tasks_using(name)]
+    if users:
+        quoted = ", ".join(f'"{u}"' for u in users)
+        who, uses, them = (
+            (f"tasks {quoted}", "use", "them")
+            if len(users) > 1
+            else (f"task {quoted}", "uses", "it")
+        )
+        first = f'"{users[0]}"'
+        raise StorageInUseError(
+            f"cannot remove {name}: {who} {uses} it as from or to; remove {them} first "
+            f"(`studyvault tasks remove {first}`) or point {them} at another storage "
+            f"(`studyvault tasks add {first} --replace ...`)"
+        )
+
+
+def invalid_reason(vault: Vault, task: TaskConfig) -> str:
+    """Why ``task`` cannot run with the current config (e.g. a hand-edited config names
+    a storage that is gone), or "" when it is valid."""
+    for name in (task.from_, task.to):
+        if name and name not in vault.storages:
+            return f"no storage named {name!r}"
+    try:
+        plan_task(vault, task)
+    except StudyvaultError as exc:
+        return str(exc)
+    return ""
 
 
 def _storage_label(storage: Storage) -> str:

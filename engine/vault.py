@@ -6,12 +6,15 @@ import logging
 from pathlib import Path
 
 from .config import Config, load_config, resolve_config_path, write_starter
-from .errors import UnknownStorageError
+from .errors import IndexMissingError, StudyvaultError, UnknownStorageError
 from .index import StudyIndex
 from .manager import PluginHost, load_plugins
 from .storage import OnlineStorage, Role, Status, Storage, StorageConfig
 
 log = logging.getLogger(__name__)
+
+#: the receive log in the data folder (see :mod:`studyvault.incoming`)
+RECEIVE_LOG = "receiving.log"
 
 
 class Vault:
@@ -28,6 +31,9 @@ class Vault:
         self.storages: dict[str, Storage] = {}
         for entry in [*config.image_directories, *config.archives]:
             self.storages[entry.name] = self._make(entry)
+        # the storages as the command found them: a storage added later by this
+        # command (an adopted image directory, a mounted archive) is indexed by it
+        self._opened_with = list(self.storages.values())
 
     @classmethod
     def open(cls, config_path: Path | None = None, *, create_default: bool = True) -> Vault:
@@ -41,27 +47,56 @@ class Vault:
             write_starter(path.parent)
             log.warning("created a starter config at %s", path)
         plugins = load_plugins()
-        vault = cls(load_config(path, plugins.storage_kinds.get), plugins)
-        vault.ensure_image_directories()
-        return vault
+        # An image directory whose folder is missing is not created here: it is
+        # Offline (a disk not mounted) until its folder is back. New ones are created
+        # by `init` (write_starter) and `image-dirs add`.
+        return cls(load_config(path, plugins.storage_kinds.get), plugins)
 
     def _make(self, entry: StorageConfig) -> Storage:
         kind = self.plugins.storage_kinds.get(self.config.kinds[entry.name])
         return kind(entry, self.config.base)
 
-    def ensure_image_directories(self) -> None:
-        """Create the folder and key of a configured image directory that has none yet
-        (the starter config's default one)."""
-        for storage in self.image_directories():
-            if not storage.root.exists() and storage.id:
-                storage.create()
-
     # -- lookups --------------------------------------------------------------------
     @property
     def index(self) -> StudyIndex:
+        """The study index, opened on first use. A missing (or new and empty) index
+        while a storage holds studies is refused with
+        :class:`~studyvault.errors.IndexMissingError`, never silently started afresh."""
         if self._index is None:
-            self._index = StudyIndex(self.config.index_dir)
+            path = self.config.index_dir
+            if not (path / "data.mdb").exists():
+                self._refuse_missing_index("missing")  # before anything is created
+            index = StudyIndex(path)
+            if index.count_studies() == 0:
+                try:
+                    self._refuse_missing_index("empty")
+                except IndexMissingError:
+                    index.close()
+                    raise
+            self._index = index
         return self._index
+
+    def _refuse_missing_index(self, state: str) -> None:
+        """Raise IndexMissingError when a storage holds studies (the first one found
+        that was not moved out) although the index at hand has none."""
+        # instances a killed service received but did not index: its next start (or
+        # `housekeeping`) indexes them from this log; not a lost index
+        receive_log = self.config.data_dir / RECEIVE_LOG
+        if receive_log.exists() and receive_log.stat().st_size:
+            return
+        for storage in self._opened_with:
+            try:
+                if storage.status() is not Status.ONLINE:
+                    continue
+                held = any(not storage.is_moved_out(loc) for loc in storage.iter_studies())
+            except (StudyvaultError, OSError):
+                continue  # cannot be read now: says nothing about the index
+            if held:
+                raise IndexMissingError(
+                    f"the study index at {self.config.index_dir} is {state} while "
+                    f"{storage.name} holds studies: run `studyvault index rebuild` to "
+                    "recreate it from the storages"
+                )
 
     def close(self) -> None:
         if self._index is not None:
@@ -121,5 +156,6 @@ class Vault:
         if status is not Status.ONLINE:
             raise StorageOfflineError(
                 f"{storage.name} is offline: {storage.root} cannot be reached or its key "
-                "file does not match; check the disk or network share"
+                "file is missing or does not match; check that its disk or network share "
+                "is mounted"
             )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from studyvault import hookimpl
-from studyvault.errors import StorageError
+from studyvault.errors import StorageError, StorageOfflineError
 from studyvault.fsutil import (
     atomic_write_bytes,
     copy_plain,
@@ -95,6 +95,14 @@ class ImageDirectory(OnlineStorage):
             return Status.OFFLINE
         return Status.ONLINE
 
+    def _require_key(self) -> None:
+        """Refuse to write when the key file is gone: the disk went away (unmounted) and
+        new folders would land on whatever disk holds the mount point."""
+        if not self.key_path.is_file():
+            raise StorageOfflineError(
+                f"{self.name} is offline: {self.key_path} is missing (is its disk mounted?)"
+            )
+
     # -- ingest ---------------------------------------------------------------------
     def ingested_path(self, study_uid: str, sop_uid: str) -> tuple[str, str]:
         return self._location(study_uid), uid_component(sop_uid) + ".dcm"
@@ -109,6 +117,7 @@ class ImageDirectory(OnlineStorage):
         location, path = self.ingested_path(study_uid, sop_uid)
         folder = self.root / location
         if not folder.is_dir():
+            self._require_key()
             folder.mkdir(parents=True, exist_ok=True)
             self._dirty.update({folder.parent, folder.parent.parent})
         final = folder / path
@@ -159,6 +168,7 @@ class ImageDirectory(OnlineStorage):
     ) -> None:
         staging = self.root / plan.staging
         remove_tree(staging)
+        self._require_key()
         staging.mkdir(parents=True)
         written = []
         for inst, opener in instances:

@@ -427,3 +427,27 @@ def test_a_bad_naming_in_the_config_names_the_field(home, run, tmp_path) -> None
     result = run("archives", "list")
     assert result.code == 2
     assert "archives[0]" in result.err and "naming must be 'readable' or 'uid'" in result.err
+
+
+def test_remove_refuses_while_a_task_uses_the_archive(home, run, tmp_path) -> None:
+    run("archives", "add", "A", tmp_path / "a")
+    run(
+        "tasks", "add", "T", "--action", "archive",
+        "--from", "Image Center Storage", "--to", "A", "--all",
+    )  # fmt: skip
+    result = run("archives", "remove", "A")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert 'task "T" uses it' in result.err and 'studyvault tasks remove "T"' in result.err
+    assert run("tasks", "list").code == 0
+    assert [r["name"] for r in run("archives", "list", "--json").json()] == ["A"]
+    assert run("tasks", "remove", "T").code == 0
+    assert run("archives", "remove", "A").code == 0
+
+
+def test_an_unmounted_archive_shows_no_last_store_time(home, run, tmp_path) -> None:
+    run("archives", "add", "My Study Archive", tmp_path / "arch")
+    archive_study(import_study(run, tmp_path / "in"))
+    assert run("archives", "unmount", "My Study Archive", "--confirm", "UNMOUNT").code == 0
+    [line] = [x for x in run("archives", "list").out.splitlines() if "My Study Archive" in x]
+    cells = [c.strip() for c in line.strip("│ ").split("│")]
+    assert cells[3] == "Unmounted" and cells[5:] == ["-", "-"]

@@ -359,3 +359,35 @@ def test_a_truncated_index_is_detected_and_rebuild_fixes_it(home, run, store):
     after = sorted(run("studies", "--json").json(), key=lambda s: s["study_uid"])
     assert after == before
     assert json.dumps(after)  # plain JSON
+
+
+def test_a_deleted_index_is_refused_not_taken_for_an_empty_vault(home, run, store):
+    before = sorted(run("studies", "--json").json(), key=lambda s: s["study_uid"])
+    shutil.rmtree(home / "index")
+    for command in (["studies"], ["tasks", "list"], ["image-dirs", "list"], ["check"]):
+        result = run(*command)
+        assert result.code == 2, (command, result.out)
+        [line] = result.err.strip().splitlines()
+        assert f"the study index at {home / 'index'} is missing" in line
+        assert "holds studies: run `studyvault index rebuild`" in line
+    assert not (home / "index").exists()  # nothing was started afresh
+    assert run("plugins").code == 0
+    rebuilt = run("index", "rebuild")
+    assert rebuilt.code == 0, rebuilt.out + rebuilt.err
+    after = sorted(run("studies", "--json").json(), key=lambda s: s["study_uid"])
+    assert after == before
+
+
+def test_a_new_empty_index_beside_stored_studies_is_refused(home, run, store):
+    shutil.rmtree(home / "index")
+    from studyvault.index import StudyIndex
+
+    StudyIndex(home / "index").close()  # as an older studyvault would have left it
+    result = run("studies")
+    assert result.code == 2 and "is empty while Image Center Storage holds studies" in result.err
+
+
+def test_an_empty_vault_and_an_empty_index_are_fine(home, run, tmp_path):
+    assert run("studies").code == 0
+    shutil.rmtree(home / "index")
+    assert run("studies").code == 0 and "0 studies" in run("studies").out

@@ -104,6 +104,7 @@ def test_move_everything_then_remove_the_empty_image_directory(home, run, tmp_pa
     assert rows["Image Center Storage"]["studies"] == 0 and rows["Disk 2"]["studies"] == 3
     assert not list((home / "images" / "studies").rglob("*.dcm"))
     run("image-dirs", "incoming", "Disk 2")
+    assert run("tasks", "remove", "Empty it").code == 0  # the task names it: first
     assert run("image-dirs", "remove", "Image Center Storage").code == 0
 
 
@@ -373,8 +374,9 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
     assert row["status"].startswith(f"{row['done']}/6 studies (")
     second = subprocess.run([*sv, "tasks", "run", "Slow"], env=env, capture_output=True, text=True)
     assert second.returncode == 2 and "is already running" in second.stderr
-    remove = subprocess.run([*sv, "tasks", "remove", "Slow"], env=env, capture_output=True,
-                            text=True)
+    remove = subprocess.run(
+        [*sv, "tasks", "remove", "Slow"], env=env, capture_output=True, text=True
+    )
     assert remove.returncode == 2 and "stop it first" in remove.stderr
     stop = subprocess.run([*sv, "tasks", "stop", "Slow"], env=env, capture_output=True, text=True)
     assert "Asked Slow to stop" in stop.stdout
@@ -494,8 +496,20 @@ def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
     from studyvault.testing.dicomgen import make_instance
 
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run("tasks", "add", "Move", "--action", "move", "--from", "Image Center Storage",
-        "--to", "Disk 2", "--all", "--throttle-ms", "0")
+    run(
+        "tasks",
+        "add",
+        "Move",
+        "--action",
+        "move",
+        "--from",
+        "Image Center Storage",
+        "--to",
+        "Disk 2",
+        "--all",
+        "--throttle-ms",
+        "0",
+    )
     uid = studies_by_patient(run)["OLD^ONE"]["study_uid"]
     late = make_instance(tmp_path / "late.dcm", study_uid=uid, patient_name="OLD^ONE")
 
@@ -507,8 +521,11 @@ def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
         original(self, plan, study, instances)
         if study.study_uid == uid and self.name == "Disk 2":
             # another process stores it meanwhile, as the receiver would
-            subprocess.run([sys.executable, "-m", "studyvault", "import", late], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "studyvault", "import", late],
+                check=True,
+                capture_output=True,
+            )
 
     ImageDirectory.write_staging = staging_while_a_device_sends
     try:
@@ -526,3 +543,36 @@ def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
     moved = {sha(p) for p in (tmp_path / "d2" / "studies").rglob("*.dcm")}
     assert {sha(p) for p in [*old_and_new["OLD^ONE"], late]} <= moved
     assert not list((home / "images" / "studies").rglob("*.dcm"))
+
+
+def test_a_task_naming_a_storage_gone_from_the_config_is_listed_as_invalid(home, run, tmp_path):
+    run("archives", "add", "A", tmp_path / "a")
+    run(
+        "tasks", "add", "T", "--action", "archive",
+        "--from", "Image Center Storage", "--to", "A", "--all", "--days", "Sa",
+    )  # fmt: skip
+    run("tasks", "add", "Fine", "--action", "delete", "--from", "A", "--all")
+    cfg = home / "studyvault.toml"  # the admin renames the archive by hand
+    cfg.write_text(
+        cfg.read_text().replace('name = "A"', 'name = "B"').replace('from = "A"', 'from = "B"')
+    )
+    assert 'to = "A"' in cfg.read_text()
+    rows = {r["name"]: r for r in run("tasks", "list", "--json").json()}
+    assert rows["T"]["status"] == "Invalid: no storage named 'A'"
+    assert "Image Center Storage" in rows["T"]["description"]
+    assert rows["Fine"]["status"] == "Ready"
+    listed = run("tasks", "list")
+    assert listed.code == 0 and "Invalid: no storage named 'A'" in listed.out
+    assert run("tasks", "show", "T").code == 0
+    ran = run("tasks", "run", "T")
+    assert ran.code == 2 and "no image directory or archive named 'A'" in ran.err
+
+
+def test_the_last_task_can_be_removed_and_another_added(home, run, tmp_path):
+    run("image-dirs", "add", "Disk 2", tmp_path / "d2")
+    args = ["--action", "move", "--from", "Image Center Storage", "--to", "Disk 2", "--all"]
+    assert run("tasks", "add", "One", *args).code == 0
+    assert run("tasks", "remove", "One").code == 0
+    result = run("tasks", "add", "Two", *args)
+    assert result.code == 0, result.err
+    assert [t["name"] for t in run("tasks", "list", "--json").json()] == ["Two"]

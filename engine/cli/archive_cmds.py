@@ -53,7 +53,7 @@ def list_cmd(ctx: typer.Context, json: Annotated[bool, JsonOption] = False) -> N
                 r.status,
                 r.studies,
                 human_bytes(r.free_bytes) if r.status == "Online" else "-",
-                _when(r.last_stored),
+                _when(r.last_stored) if r.status == "Online" else "-",
             )
             for r in rows
         ],

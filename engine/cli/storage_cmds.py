@@ -34,7 +34,7 @@ def list_cmd(ctx: typer.Context, json: Annotated[bool, JsonOption] = False) -> N
                 r.status,
                 r.studies,
                 human_bytes(r.bytes),
-                human_bytes(r.free_bytes),
+                human_bytes(r.free_bytes) if r.status == "Online" else "-",
             )
             for r in rows
         ],

@@ -13,6 +13,7 @@ from ..errors import TaskError, UnknownTaskError
 from ..tasks import (
     TaskRunner,
     describe,
+    invalid_reason,
     is_running,
     plan_task,
     request_stop,
@@ -46,14 +47,22 @@ class TaskRow(msgspec.Struct, kw_only=True):
 
 
 def _row(vault: Vault, task: TaskConfig) -> TaskRow:
-    plan = plan_task(vault, task)
     st = vault.index.task_state(task.name)
+    problem = invalid_reason(vault, task)
+    if problem:
+        # listed as it is written, so the admin sees what to change (or remove)
+        description = f"{task.action} from {task.from_}" + (f" to {task.to}" if task.to else "")
+        schedule = ",".join(task.days) + (f" {task.hours}" if task.hours else "")
+        status = f"Invalid: {problem}"
+    else:
+        plan = plan_task(vault, task)
+        description, schedule, status = describe(plan), schedule_text(plan), status_text(st)
     return TaskRow(
         name=task.name,
         action=task.action,
-        description=describe(plan),
-        schedule=schedule_text(plan),
-        status=status_text(st),
+        description=description,
+        schedule=schedule.strip() or "<unscheduled>",
+        status=status,
         running=st.running,
         done=st.done,
         total=st.total,
