@@ -300,6 +300,12 @@ class StudyIndex:
             size += study.size
         return count, size
 
+    def storage_study_uids(self, storage: str) -> Iterator[str]:
+        """StudyInstanceUIDs of the studies with a copy in ``storage``, in UID order,
+        from keys (no record is read)."""
+        for key, _ in self._scan("by_storage", _k(storage) + SEP, chunk=4096):
+            yield key.split(SEP, 1)[1].decode("utf-8", "surrogateescape")
+
     def count_storage_studies(self, storage: str) -> int:
         """Studies with a copy in ``storage``, counted from keys (no record is read)."""
         return sum(1 for _ in self._scan("by_storage", _k(storage) + SEP, chunk=4096))

@@ -298,10 +298,13 @@ def _verify_share(storage_id: str, part: int, parts: int) -> _Share:
     index = StudyIndex(_forked["index_dir"], readonly=True)
     share = _Share()
     try:
-        for n, study in enumerate(index.iter_studies(storage=storage_id)):
+        for n, study_uid in enumerate(index.storage_study_uids(storage_id)):
             if n % parts != part:
                 continue
-            checked = verify_copy(storage, study, index.instances(study.study_uid))
+            study = index.get_study(study_uid)
+            if study is None or storage_id not in study.copies:
+                continue  # moved by a task meanwhile: not a finding
+            checked = verify_copy(storage, study, index.instances(study_uid))
             share.studies += 1
             share.files += checked.files
             share.bytes += checked.bytes
