@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..admin import (
-    StorageRow,
-    add_archive,
-    archive_named,
-    archive_rows,
-    mount_archive,
-    remove_archive,
-    unmount_archive,
-)
 from ..errors import StudyvaultError
 from .common import JsonOption, confirm, console, human_bytes, print_json, print_table, state
+
+if TYPE_CHECKING:
+    from ..admin import StorageRow
 
 archives = typer.Typer(help="Manage archives (nearline storage).", no_args_is_help=True)
 
@@ -39,6 +33,8 @@ def _type(row: StorageRow) -> str:
 @archives.command("list")
 def list_cmd(ctx: typer.Context, json: Annotated[bool, JsonOption] = False) -> None:
     """Name, type, description, status, studies, free space and last store of each archive."""
+    from ..admin import archive_rows  # loaded by the commands that need it
+
     rows = archive_rows(state(ctx).vault())
     if json:
         print_json(rows)
@@ -168,6 +164,8 @@ def add_cmd(
     text = where or ""
     if kind is None:
         kind = text.split("://", 1)[0].lower() if "://" in text else ("s3" if bucket else "folder")
+    from ..admin import add_archive
+
     row = add_archive(
         state(ctx).vault(),
         name,
@@ -195,6 +193,8 @@ def unmount_cmd(
     """Unmount an archive: nothing is stored or fetched until it is mounted again; its
     studies stay listed as archived. Its folder (or bucket prefix) may then be moved."""
     vault = state(ctx).vault()
+    from ..admin import archive_named, unmount_archive
+
     archive_named(vault, name)  # an unknown name is refused before asking
     confirm("UNMOUNT", confirm_word, f"unmount archive {name}")
     row = unmount_archive(vault, name)
@@ -228,6 +228,8 @@ def mount_cmd(
     unknown one is added and its studies are indexed. An S3 archive is named by its URL;
     settings not given are kept from its config entry, if it has one."""
     options = _s3_options(option or [], None, None, endpoint_url, region, profile, sse, verify)
+    from ..admin import mount_archive
+
     result = mount_archive(state(ctx).vault(), where, options=options)
     if json:
         print_json(result)
@@ -250,5 +252,7 @@ def mount_cmd(
 def remove_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Remove an archive from the config (only when it holds no studies). Its folder is
     left on disk."""
+    from ..admin import remove_archive
+
     remove_archive(state(ctx).vault(), name)
     console.print(f"Removed archive {name}; its folder was left on disk.", markup=False)

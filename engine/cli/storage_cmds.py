@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..admin import add_image_directory, image_directory_rows, remove_image_directory, set_incoming
 from .common import JsonOption, console, human_bytes, print_json, print_table, state
 
 image_dirs = typer.Typer(help="Manage image directories (online storage).", no_args_is_help=True)
@@ -20,6 +19,8 @@ def register(app: typer.Typer) -> None:
 @image_dirs.command("list")
 def list_cmd(ctx: typer.Context, json: Annotated[bool, JsonOption] = False) -> None:
     """Name, studies and free space of each image directory."""
+    from ..admin import image_directory_rows
+
     rows = image_directory_rows(state(ctx).vault())
     if json:
         print_json(rows)
@@ -52,6 +53,8 @@ def add_cmd(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """Add an image directory."""
+    from ..admin import add_image_directory
+
     row = add_image_directory(state(ctx).vault(), name, path, min_free_mb=min_free_mb)
     if json:
         print_json(row)
@@ -63,6 +66,8 @@ def add_cmd(
 def remove_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Remove an image directory from the config (only when it holds no studies).
     Its folder is left on disk."""
+    from ..admin import remove_image_directory
+
     remove_image_directory(state(ctx).vault(), name)
     console.print(f"Removed image directory {name}; its folder was left on disk.", markup=False)
 
@@ -70,5 +75,7 @@ def remove_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> No
 @image_dirs.command("incoming")
 def incoming_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Make NAME the image directory that receives new studies."""
+    from ..admin import set_incoming
+
     set_incoming(state(ctx).vault(), name)
     console.print(f"New studies now go to {name}.", markup=False)

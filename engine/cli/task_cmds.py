@@ -10,16 +10,6 @@ import typer
 
 from ..config import TaskConfig, append_table, edit_config, remove_table
 from ..errors import TaskError, UnknownTaskError
-from ..tasks import (
-    TaskRunner,
-    describe,
-    invalid_reason,
-    is_running,
-    plan_task,
-    request_stop,
-    schedule_text,
-    status_text,
-)
 from ..vault import Vault
 from .common import JsonOption, confirm, console, print_json, print_table, progress_reporter, state
 
@@ -47,16 +37,22 @@ class TaskRow(msgspec.Struct, kw_only=True):
 
 
 def _row(vault: Vault, task: TaskConfig) -> TaskRow:
+    from .. import tasks as engine  # the task engine loads only for task commands
+
     st = vault.index.task_state(task.name)
-    problem = invalid_reason(vault, task)
+    problem = engine.invalid_reason(vault, task)
     if problem:
         # listed as it is written, so the admin sees what to change (or remove)
         description = f"{task.action} from {task.from_}" + (f" to {task.to}" if task.to else "")
         schedule = ",".join(task.days) + (f" {task.hours}" if task.hours else "")
         status = f"Invalid: {problem}"
     else:
-        plan = plan_task(vault, task)
-        description, schedule, status = describe(plan), schedule_text(plan), status_text(st)
+        plan = engine.plan_task(vault, task)
+        description, schedule, status = (
+            engine.describe(plan),
+            engine.schedule_text(plan),
+            engine.status_text(st),
+        )
     return TaskRow(
         name=task.name,
         action=task.action,
@@ -136,6 +132,8 @@ def add_cmd(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """Add (or with --replace, change) a storage task."""
+    from .. import tasks as engine  # the task engine loads only for task commands
+
     vault = state(ctx).vault()
     task = TaskConfig(
         name=name,
@@ -149,7 +147,7 @@ def add_cmd(
         hours=hours,
         throttle_ms=throttle_ms,
     )
-    plan = plan_task(vault, task)  # refuse invalid combinations before writing
+    plan = engine.plan_task(vault, task)  # refuse invalid combinations before writing
     if vault.config.task(name) is not None and not replace:
         if not sys.stdin.isatty() or not typer.confirm(f"Task {name!r} exists. Replace it?"):
             raise TaskError(f"task {name!r} already exists (use --replace to change it)")
@@ -165,17 +163,28 @@ def add_cmd(
 
     edit_config(vault.config.path, change)
     if json:
-        print_json({"name": name, "description": describe(plan), "schedule": schedule_text(plan)})
+        print_json(
+            {
+                "name": name,
+                "description": engine.describe(plan),
+                "schedule": engine.schedule_text(plan),
+            }
+        )
     else:
-        console.print(f"Added task {name}: {describe(plan)} | {schedule_text(plan)}", markup=False)
+        console.print(
+            f"Added task {name}: {engine.describe(plan)} | {engine.schedule_text(plan)}",
+            markup=False,
+        )
 
 
 @tasks_app.command("remove")
 def remove_cmd(ctx: typer.Context, name: str) -> None:
     """Remove a task (not while it runs)."""
+    from .. import tasks as engine  # the task engine loads only for task commands
+
     vault = state(ctx).vault()
     _get(vault, name)
-    if is_running(vault.index.task_state(name)):
+    if engine.is_running(vault.index.task_state(name)):
         raise TaskError(f"task {name!r} is running; stop it first (studyvault tasks stop)")
     edit_config(vault.config.path, lambda doc: remove_table(doc, "tasks", name))
     vault.index.delete_task_state(name)
@@ -192,6 +201,8 @@ def run_cmd(
     json: Annotated[bool, JsonOption] = False,
 ) -> None:
     """Run a task now, in the foreground, until done (or stopped)."""
+    from .. import tasks as engine  # the task engine loads only for task commands
+
     vault = state(ctx).vault()
     task = _get(vault, name)
     action = vault.plugins.actions.get(task.action)
@@ -199,7 +210,7 @@ def run_cmd(
         confirm(action.confirm_word, confirm_word, f"run {name!r} ({task.action} studies)")
         confirm_word = action.confirm_word
     with progress_reporter(name, "studies") as progress:
-        result = TaskRunner(vault, name, progress=progress, confirmed=confirm_word).run()
+        result = engine.TaskRunner(vault, name, progress=progress, confirmed=confirm_word).run()
     if json:
         print_json(result)
     else:
@@ -213,7 +224,9 @@ def run_cmd(
 @tasks_app.command("stop")
 def stop_cmd(ctx: typer.Context, name: str) -> None:
     """Ask a running task (in any process) to stop after its current study."""
-    if request_stop(state(ctx).vault(), name):
+    from .. import tasks as engine  # the task engine loads only for task commands
+
+    if engine.request_stop(state(ctx).vault(), name):
         console.print(f"Asked {name} to stop after its current study.", markup=False)
     else:
         console.print(f"{name} is not running.", markup=False)
