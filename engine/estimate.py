@@ -201,39 +201,28 @@ def observe(vault: Vault, *, months: int = 6, now: float | None = None) -> Growt
 def _outlook(storage: Storage, per_day: float, today: dt.date) -> StorageOutlook:
     status = storage.status()
     reserve = storage.config.min_free_mb * 1024 * 1024  # as check_room counts it
-    role = "archive" if storage.role is Role.ARCHIVE else "image directory"
-    if status is not Status.ONLINE:
-        return StorageOutlook(
-            name=storage.name,
-            role=role,
-            status=status.value,
-            free_bytes=None,
-            reserve_mb=storage.config.min_free_mb,
-            reserve_bytes=reserve,
-            usable_bytes=None,
-            days_left=None,
-            full_by=None,
-        )
-    free = storage.free_bytes()
-    usable = max(free - reserve, 0)
-    days_left = full_by = None
-    if per_day > 0:
-        days_left = int(usable // per_day)
-        try:
-            full_by = (today + dt.timedelta(days=days_left)).isoformat()
-        except OverflowError:  # after the year 9999: the count of days says enough
-            full_by = None
-    return StorageOutlook(
+    outlook = StorageOutlook(
         name=storage.name,
-        role=role,
+        role="archive" if storage.role is Role.ARCHIVE else "image directory",
         status=status.value,
-        free_bytes=free,
+        free_bytes=None,
         reserve_mb=storage.config.min_free_mb,
         reserve_bytes=reserve,
-        usable_bytes=usable,
-        days_left=days_left,
-        full_by=full_by,
+        usable_bytes=None,
+        days_left=None,
+        full_by=None,
     )
+    if status is not Status.ONLINE:
+        return outlook  # no figures for a storage that cannot be asked
+    outlook.free_bytes = storage.free_bytes()
+    outlook.usable_bytes = max(outlook.free_bytes - reserve, 0)
+    if per_day > 0:
+        outlook.days_left = int(outlook.usable_bytes // per_day)
+        try:
+            outlook.full_by = (today + dt.timedelta(days=outlook.days_left)).isoformat()
+        except OverflowError:  # after the year 9999: the count of days says enough
+            outlook.full_by = None
+    return outlook
 
 
 def size_text(nbytes: float) -> str:
