@@ -13,7 +13,7 @@ import msgspec
 
 from .config import append_table, edit_config, remove_table, set_key, update_table
 from .errors import StorageError, StorageOfflineError, StudyvaultError
-from .keyfile import read_key
+from .keyfile import folder_is_empty, read_key
 from .storage import Role, Status, Storage, StorageConfig
 from .tasks import refuse_if_used
 from .vault import Vault
@@ -81,7 +81,8 @@ def add_image_directory(
     storage_id = read_key(key)["id"] if adopted else storage.create()
     if vault.storage_by_id(storage_id) is not None:
         raise StudyvaultError(
-            f"PATH: {root} is already configured as {vault.storage_name(storage_id)!r}"
+            f"PATH: {root} is already configured as {vault.storage_name(storage_id)!r} "
+            f"(a moved copy? point it there with `studyvault image-dirs mount {root}`)"
         )
     config = edit_config(
         vault.config.path,
@@ -99,6 +100,158 @@ def add_image_directory(
     return next(r for r in image_directory_rows(vault) if r.name == name)
 
 
+IMAGE_DIR_KEY = "image_directory.key"
+
+
+class ImageDirMountResult(msgspec.Struct, kw_only=True):
+    """What ``image-dirs mount`` did."""
+
+    image_directory: StorageRow
+    #: moved: a configured one now points at PATH; added: an unknown one was added and
+    #: its studies indexed; replaced: an empty folder took the place of a lost one;
+    #: unchanged: it already was at PATH
+    outcome: str
+    previous_path: str = ""
+    studies_indexed: int = 0
+    skipped: list[str] = []
+    studies_listed: int = 0  # replaced: studies the index lists there (now missing)
+
+
+def _image_dir_row(vault: Vault, name: str) -> StorageRow:
+    return next(r for r in image_directory_rows(vault) if r.name == name)
+
+
+def _refuse_other_folder(vault: Vault, root: Path, owner: Storage | None) -> None:
+    for other in vault.storages.values():
+        if other is not owner and other.root.resolve() == root:
+            raise StudyvaultError(f"PATH: {root} is already the folder of {other.name!r}")
+
+
+def mount_image_directory(
+    vault: Vault, path: Path, *, name: str | None = None
+) -> ImageDirMountResult:
+    """Mount the image directory at ``path`` by the id in its key file: a configured one
+    (moved or copied to another disk) is pointed there; an unknown one is added (as
+    ``name``, else the name in its key) and its studies are indexed. With ``name`` of a
+    configured image directory that is Offline and ``path`` an empty or new folder, the
+    folder becomes that image directory, empty (a dead disk replaced without a backup).
+
+    :raises StudyvaultError: when ``path`` holds no image directory key (or an
+        archive's), the key is an archive's, or the configured folder still holds the
+        same image directory (two live copies: one must go first).
+    """
+    root = path.expanduser().resolve()
+    key_path = root / IMAGE_DIR_KEY
+    if (root / ARCHIVE_KEY).exists():
+        raise StudyvaultError(
+            f"PATH: {root} is a folder archive, not an image directory "
+            f"(use `studyvault archives mount {root}`)"
+        )
+    if not key_path.exists():
+        if name is not None and folder_is_empty(root):
+            return _replace_lost_image_directory(vault, name, root)
+        if not root.is_dir():
+            raise StudyvaultError(f"PATH: {root}: no such folder")
+        raise StudyvaultError(
+            f"PATH: {root} holds no {IMAGE_DIR_KEY}: it is not an image directory "
+            "(copy the whole folder, key file included; a new one is made with "
+            "`studyvault image-dirs add`)"
+        )
+    try:
+        key = read_key(key_path)
+    except StorageError as exc:
+        raise StudyvaultError(f"PATH: {exc}") from None
+    if key.get("kind", "image_directory") != "image_directory":
+        raise StudyvaultError(f"PATH: {key_path} is the key of a {key.get('kind')} storage")
+    known = vault.storage_by_id(key["id"])
+    if known is None:
+        return _add_mounted_image_directory(vault, root, key, name)
+    if known.role is not Role.IMAGE_DIRECTORY:
+        raise StudyvaultError(
+            f"PATH: {root} holds the key of archive {known.name!r}, not of an image directory"
+        )
+    if name is not None and name != known.name:
+        raise StudyvaultError(
+            f"--name: {root} is image directory {known.name!r} (by the id in its key), not {name!r}"
+        )
+    previous = known.root.resolve()
+    if previous == root:
+        return ImageDirMountResult(
+            image_directory=_image_dir_row(vault, known.name),
+            outcome="unchanged",
+            previous_path=str(previous),
+        )
+    _refuse_other_folder(vault, root, known)
+    if known.status() is Status.ONLINE:
+        raise StudyvaultError(
+            f"{known.name} is still at {previous} (its key file, same id, is there): two "
+            f"live copies of one image directory; take one away first (unmount its disk, "
+            f"or rename or remove {previous} once you are sure {root} is a whole copy)"
+        )
+    config = edit_config(
+        vault.config.path,
+        lambda doc: update_table(doc, "image_directories", known.name, {"path": str(root)}),
+    )
+    _reload(vault, config)
+    return ImageDirMountResult(
+        image_directory=_image_dir_row(vault, known.name),
+        outcome="moved",
+        previous_path=str(previous),
+    )
+
+
+def _add_mounted_image_directory(
+    vault: Vault, root: Path, key: Mapping[str, Any], name: str | None
+) -> ImageDirMountResult:
+    """Add the image directory at ``root`` (its key's id is unknown) and index it."""
+    if name is None:
+        name = _unique_name(vault, str(key.get("name") or root.name))
+    _check_new_name(vault, name)
+    _refuse_other_folder(vault, root, None)
+    record = {"name": name, "id": key["id"], "path": str(root), "min_free_mb": 1024}
+    config = edit_config(
+        vault.config.path, lambda doc: append_table(doc, "image_directories", record)
+    )
+    _reload(vault, config)
+    from .scan import index_storage
+
+    summary = index_storage(vault, vault.storage(name))
+    return ImageDirMountResult(
+        image_directory=_image_dir_row(vault, name),
+        outcome="added",
+        studies_indexed=summary.studies,
+        skipped=summary.skipped,
+    )
+
+
+def _replace_lost_image_directory(vault: Vault, name: str, root: Path) -> ImageDirMountResult:
+    """Make the empty folder ``root`` the image directory ``name`` (same id, so its
+    name, tasks and index entries stay), for a disk that died without a backup."""
+    storage = vault.image_directory(name)
+    previous = storage.root.resolve()
+    if storage.status() is Status.ONLINE:
+        raise StudyvaultError(
+            f"PATH: {root} is empty, and {name} is Online at {previous}: to move it, "
+            f"copy its whole folder (key file included) to {root} first"
+        )
+    _refuse_other_folder(vault, root, storage)
+    kind = vault.plugins.storage_kinds.get(storage.kind)
+    entry = msgspec.structs.replace(storage.config, path=str(root))
+    kind(entry, vault.config.base).create()  # the key keeps the configured id
+    config = edit_config(
+        vault.config.path,
+        lambda doc: update_table(doc, "image_directories", name, {"path": str(root)}),
+    )
+    _reload(vault, config)
+    listed = vault.index.count_storage_studies(storage.id)
+    return ImageDirMountResult(
+        image_directory=_image_dir_row(vault, name),
+        outcome="replaced",
+        previous_path=str(previous),
+        studies_listed=listed,
+    )
+
+
 def remove_image_directory(vault: Vault, name: str) -> None:
     storage = vault.image_directory(name)
     refuse_if_used(vault, name)
@@ -106,7 +259,8 @@ def remove_image_directory(vault: Vault, name: str) -> None:
     if studies:
         raise StudyvaultError(
             f"{name} still holds {studies} studies: move them to another image directory "
-            "first (a storage task with --action move --all)"
+            "first (a storage task with --action move --all); if its disk died with them, "
+            f'see `studyvault study forget --storage "{name}"`'
         )
     others = [s.name for s in vault.image_directories() if s.name != name]
 

@@ -31,7 +31,8 @@ PROBLEM_KINDS = {
     "unindexed-files": "files in an indexed study the index does not list (repair: index "
     "the DICOM instances of that study among them)",
     "missing-files": "indexed instance files that are not there (not repaired)",
-    "missing-study": "an indexed study folder or zip that is not there (not repaired)",
+    "missing-study": "an indexed study folder or zip that is not there (not repaired: "
+    "restore it, or accept that it is lost with `studyvault study forget`)",
     "unknown-storage": "the index lists a copy in a storage the config does not have "
     "(not repaired)",
     "storage-offline": "a storage that cannot be read now, so it was not checked",

@@ -444,6 +444,11 @@ class IndexWriter:
     def put_instance(self, inst: InstanceRecord) -> None:
         self.index._put_instance_txn(self.txn, inst)
 
+    def delete_instance(self, study_uid: str, sop_uid: str) -> None:
+        """Remove one instance record (the study's totals are the caller's to update)."""
+        self.txn.delete(_k(study_uid, sop_uid), db=self._db["instances"])
+        self.txn.delete(_k(sop_uid), db=self._db["sops"])
+
     def delete_study(self, study_uid: str) -> None:
         db = self._db
         previous = self.get_study(study_uid)

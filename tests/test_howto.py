@@ -53,6 +53,7 @@ HOWTOS = [
     "backup",
     "recover-index",
     "recover-disk",
+    "recover-disk-no-backup",
 ]
 MAX_SKIPPED_BLOCKS = 10  # root/systemd/NAS lines only; keep the guide runnable
 
@@ -420,6 +421,25 @@ def after_recover_disk(sb: Sandbox) -> None:
     assert sb.run("verify").code == 0
 
 
+def before_recover_disk_no_backup(sb: Sandbox) -> None:
+    # a study fetched from the archive is on Disk 2 too when it dies
+    archived = next(s for s in sb.studies().values() if s["status"] == "archived")
+    assert sb.run("study", "fetch", archived["study_uid"]).code == 0
+    shutil.rmtree(sb.path("/srv/disk3/studyvault"))  # the disk died; no backup this time
+
+
+def after_recover_disk_no_backup(sb: Sandbox) -> None:
+    [left] = sb.studies().values()
+    assert left["patient_name"] == "BROWN^PAUL" and left["status"] == "archived"
+    assert [c["storage"] for c in left["copies"]] == ["My Study Archive"]
+    disk2 = next(d for d in sb.cli("image-dirs", "list") if d["name"] == "Disk 2")
+    assert disk2["status"] == "Online" and disk2["studies"] == 0 and disk2["incoming"]
+    assert disk2["path"] == str(sb.path("/srv/disk3/studyvault"))
+    forgotten = [e for e in sb.cli("audit") if e["op"] == "forget"]
+    assert len(forgotten) == 4 and {e["source"] for e in forgotten} == {"Disk 2"}
+    assert sb.run("check").code == 0 and sb.run("verify").code == 0
+
+
 def _iso(yyyymmdd: str) -> str:
     return f"{yyyymmdd[:4]}-{yyyymmdd[4:6]}-{yyyymmdd[6:]}"
 
@@ -428,6 +448,7 @@ BEFORE: dict[str, Callable[[Sandbox], None]] = {
     "archive-old": before_archive_old,
     "recover-index": before_recover_index,
     "recover-disk": before_recover_disk,
+    "recover-disk-no-backup": before_recover_disk_no_backup,
 }
 AFTER: dict[str, Callable[[Sandbox], None]] = {
     "receive": after_receive,
@@ -442,6 +463,7 @@ AFTER: dict[str, Callable[[Sandbox], None]] = {
     "backup": after_backup,
     "recover-index": after_recover_index,
     "recover-disk": after_recover_disk,
+    "recover-disk-no-backup": after_recover_disk_no_backup,
 }
 
 

@@ -286,6 +286,96 @@ def test_a_missing_study_folder_is_reported_not_repaired(home, run, store):
     assert run("verify").code == 1
 
 
+def lose_every_online_study(home: Path) -> None:
+    """The image directory's disk lost its studies (its key file survived)."""
+    shutil.rmtree(home / "images" / "studies")
+    (home / "images" / "studies").mkdir()
+
+
+def test_forget_drops_missing_copies_and_keeps_archived_ones(home, run, store):
+    archived = next(s for s in run("studies", "--json").json() if s["status"] == "archived")
+    assert run("study", "fetch", archived["study_uid"]).code == 0  # online and archived
+    lose_every_online_study(home)
+
+    refused = run("study", "forget", "--storage", "Image Center Storage")
+    assert refused.code == 2 and len(refused.err.strip().splitlines()) == 1
+    assert "pass --confirm FORGET" in refused.err
+    wrong = run("study", "forget", "--storage", "Image Center Storage", "--confirm", "yes")
+    assert wrong.code == 2 and "type exactly FORGET" in wrong.err
+    assert len(run("studies", "--json").json()) == 3  # nothing forgotten yet
+
+    result = run("study", "forget", "--storage", "Image Center Storage", "--confirm", "FORGET")
+    assert result.code == 0, result.err
+    assert result.out.count("no copy is left, it left the index") == 2
+    assert f"Forgot the copy of study {archived['study_uid']} (STORE 0" in result.out
+    assert "the study stays in Archive" in result.out
+    assert "Forgot 3 missing copies of 3 checked: 2 studies left the index, 1 stay" in result.out
+    [left] = run("studies", "--json").json()
+    assert left["study_uid"] == archived["study_uid"] and left["status"] == "archived"
+    assert [c["storage"] for c in left["copies"]] == ["Archive"]
+    assert run("check").code == 0 and run("verify").code == 0
+    forgotten = [e for e in run("audit", "--json").json() if e["op"] == "forget"]
+    assert len(forgotten) == 3
+    assert {e["source"] for e in forgotten} == {"Image Center Storage"}
+    assert all(e["user"] and e["instances"] == 3 and e["patient_name"] for e in forgotten)
+    assert sum("no copy left" in e["detail"] for e in forgotten) == 2
+    # the archived study can be fetched again
+    assert run("study", "fetch", archived["study_uid"]).code == 0
+    again = run("study", "forget", "--storage", "Image Center Storage", "--confirm", "FORGET")
+    assert again.code == 0 and "Nothing to forget: all 1 copies checked are there" in again.out
+
+
+def test_forget_by_uid_touches_only_missing_copies(home, run, store):
+    online = [s for s in run("studies", "--json").json() if s["status"] == "online"]
+    files_before = online_files(home)
+    gone = next(p.parent for p in files_before if online[0]["study_uid"] in str(p))
+    shutil.rmtree(gone)
+    present = run("study", "forget", online[1]["study_uid"], "--confirm", "FORGET")
+    assert present.code == 2 and "no copy of it is missing" in present.err
+    unknown = run("study", "forget", "1.2.3.4.5", "--confirm", "FORGET")
+    assert unknown.code == 2 and "no study with StudyInstanceUID 1.2.3.4.5" in unknown.err
+    result = run("study", "forget", online[0]["study_uid"], "--confirm", "FORGET", "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    assert report["forgotten"] == 1 and report["studies_forgotten"] == 1
+    [item] = report["items"]
+    assert item["outcome"] == "study-forgotten" and item["storage"] == "Image Center Storage"
+    assert len(run("studies", "--json").json()) == 2
+    assert len(online_files(home)) == len(files_before) - 3  # nothing else was removed
+    assert run("check").code == 0
+
+
+def test_forget_keeps_the_archive_copy_of_a_fetched_study_that_grew(home, run, store, tmp_path):
+    archived = next(s for s in run("studies", "--json").json() if s["status"] == "archived")
+    uid = archived["study_uid"]
+    assert run("study", "fetch", uid).code == 0
+    # a key image added while the study was online exists in the online copy only
+    make_study(tmp_path / "extra", n_instances=1, study_uid=uid, patient_name="STORE^0",
+               study_date="20050101", modality="KO")  # fmt: skip
+    assert run("import", tmp_path / "extra").code == 0
+    assert run("study", "show", uid, "--json").json()["instances"] == 4
+    lose_every_online_study(home)
+    result = run("study", "forget", uid, "--confirm", "FORGET", "--json")
+    assert result.code == 0, result.err
+    [item] = result.json()["items"]
+    assert item["outcome"] == "forgotten" and item["lost_instances"] == 1
+    assert item["remaining"] == ["Archive"]
+    shown = run("study", "show", uid, "--json").json()
+    assert shown["instances"] == 3 and shown["status"] == "archived"
+    assert "KO" not in shown["modalities"]
+    assert run("verify", "Archive").code == 0
+
+
+def test_forget_refuses_an_offline_storage(home, run, store, tmp_path):
+    (home / "images").rename(tmp_path / "unplugged")  # its disk is not mounted
+    result = run("study", "forget", "--storage", "Image Center Storage", "--confirm", "FORGET")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "Image Center Storage is offline" in result.err
+    assert "may just be unmounted" in result.err
+    assert len(run("studies", "--json").json()) == 3
+    assert not [e for e in run("audit", "--json").json() if e["op"] == "forget"]
+
+
 def test_a_stuck_journal_entry_is_replayed_by_repair(home, run, store):
     env = {**os.environ, "STUDYVAULT_CONFIG": str(home / "studyvault.toml")}
     run(

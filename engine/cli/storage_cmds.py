@@ -62,6 +62,56 @@ def add_cmd(
         console.print(f"Added image directory {name} at {row.path}.", markup=False)
 
 
+@image_dirs.command("mount")
+def mount_cmd(
+    ctx: typer.Context,
+    path: Annotated[
+        Path,
+        typer.Argument(help="The image directory's folder at its new place (with its key file)."),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name for an image directory the config does not know yet; or the "
+            "Offline image directory an empty PATH replaces (its disk died)."
+        ),
+    ] = None,
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """Mount an image directory by the id in its key file: a configured one that was
+    copied to another disk is pointed there (its old folder must be gone: unmounted,
+    renamed or removed); an unknown one is added and its studies are indexed."""
+    from ..admin import mount_image_directory
+
+    result = mount_image_directory(state(ctx).vault(), path, name=name)
+    if json:
+        print_json(result)
+        return
+    row = result.image_directory
+    if result.outcome == "added":
+        text = (
+            f"Added image directory {row.name} at {row.path} ({row.status}): indexed "
+            f"{result.studies_indexed} studies"
+            + (f", {len(result.skipped)} files skipped" if result.skipped else "")
+            + "."
+        )
+    elif result.outcome == "replaced":
+        text = (
+            f"Image directory {row.name} is now the empty folder {row.path} ({row.status}); "
+            f"it was at {result.previous_path}. The index still lists "
+            f"{result.studies_listed} studies in it: restore them from a backup, or forget "
+            f'the lost ones with `studyvault study forget --storage "{row.name}"`.'
+        )
+    elif result.outcome == "unchanged":
+        text = f"Image directory {row.name} already is at {row.path} ({row.status})."
+    else:
+        text = (
+            f"Mounted image directory {row.name} at {row.path} ({row.status}); "
+            f"it was at {result.previous_path}."
+        )
+    console.print(text, markup=False)
+
+
 @image_dirs.command("remove")
 def remove_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Remove an image directory from the config (only when it holds no studies).

@@ -18,7 +18,9 @@ from .common import (
     state,
 )
 
-study_app = typer.Typer(help="One study: show it, fetch it.", no_args_is_help=True)
+study_app = typer.Typer(
+    help="One study: show it, fetch it, forget lost copies.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -199,3 +201,65 @@ def fetch(
             console.print(results[-1].message, markup=False)
     if json:
         print_json(results)
+
+
+@study_app.command("forget")
+def forget_cmd(
+    ctx: typer.Context,
+    uids: Annotated[
+        list[str] | None, typer.Argument(help="StudyInstanceUIDs whose missing copies to forget.")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Forget the missing copies of every study in this storage."),
+    ] = None,
+    confirm_word: Annotated[
+        str | None, typer.Option("--confirm", help="Type FORGET to confirm (for scripts).")
+    ] = None,
+    json: Annotated[bool, JsonOption] = False,
+) -> None:
+    """Accept that lost studies are gone: drop from the index each copy whose folder or
+    zip is missing from its (Online) storage. A study keeps its other copies (e.g. in
+    an archive); one with no copy left leaves the index. Files are never touched; each
+    forgotten copy writes an audit line."""
+    import sys
+
+    from ..forget import ForgetItem, forget, plan_forget
+    from .common import confirm
+
+    what = "forget the missing copies"
+    if confirm_word is not None or not sys.stdin.isatty():
+        confirm("FORGET", confirm_word, what)  # refused before any work
+    vault = state(ctx).vault()
+    plan = plan_forget(vault, uids or [], storage=storage)
+    if not plan.items:
+        if json:
+            print_json(plan)
+        else:
+            console.print(
+                f"Nothing to forget: all {plan.checked} copies checked are there.", markup=False
+            )
+        return
+    if confirm_word is None:
+        for item in plan.items:
+            console.print(item.line(), markup=False)
+        confirm("FORGET", None, f"forget these {len(plan.items)} missing copies")
+
+    def acted(item: ForgetItem) -> None:
+        if not json:
+            console.print(item.line(), markup=False)
+
+    report = forget(vault, plan, report=acted)
+    if json:
+        print_json(report)
+    else:
+        kept = report.forgotten - report.studies_forgotten
+        console.print(
+            f"Forgot {report.forgotten} missing copies of {report.checked} checked: "
+            f"{report.studies_forgotten} studies left the index, {kept} stay with their "
+            f"other copies; {report.skipped} skipped. The audit log lists each one "
+            "(op forget).",
+            markup=False,
+        )
+    if report.skipped:
+        raise typer.Exit(1)
