@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread, uid
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import FileSet
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 
+import studyvault
+from studyvault import dicomdir
 from studyvault.dicomdir import build_dicomdir, leaf_record_keys, record_type, write_dicomdir
 from studyvault.errors import NotDicomError
 from studyvault.naming import assign_file_ids
@@ -484,3 +491,213 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
 )
 def test_record_type_follows_the_sop_class(sop_class: str, modality: str, expected: str) -> None:
     assert record_type(sop_class, modality) == expected
+
+
+# Direct encoding of the PATIENT, STUDY and SERIES records, the header and the file meta
+# (instead of pydicom's Dataset + write_dataset) must give pydicom's bytes exactly.
+
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+def _texts(limit: int) -> st.SearchStrategy[str]:
+    """Mostly printable ASCII around the VR's *limit*, sometimes anything."""
+    return st.one_of(
+        st.text(_PRINTABLE, max_size=limit + 4),
+        st.text(_PRINTABLE, min_size=limit - 1, max_size=limit + 1),
+        st.text(st.characters(exclude_categories=("Cs",)), max_size=limit + 4),
+    )
+
+
+_UIDS = st.one_of(
+    st.lists(st.integers(0, 10**12), min_size=2, max_size=8).map(lambda n: ".".join(map(str, n))),
+    st.sampled_from(["1.02.3", "1..2", "1.2.", "1.2.3 ", "1." * 31 + "12", "1." * 32 + "1"]),
+)
+_DATES = st.one_of(
+    st.just(""),
+    st.dates().map(lambda d: f"{d.year:04d}{d.month:02d}{d.day:02d}"),
+    st.dates().map(lambda d: d.isoformat()),
+    st.text(st.characters(min_codepoint=0x2D, max_codepoint=0x39), max_size=10),
+)
+_TIMES = st.one_of(
+    st.just(""),
+    st.from_regex(r"([01][0-9]|2[0-3])([0-5][0-9]([0-5][0-9](\.[0-9]{1,6})?)?)?", fullmatch=True),
+    st.sampled_from(["10.5", "1030.5", "10:30:15", "240000", "1060", "103060", " 1030 "]),
+    st.text(max_size=8),
+)
+_SERIES = st.tuples(
+    _UIDS,
+    st.sampled_from(["", "CT", "OT", "MR", "SR", "ct", "C-T", "SEVENTEEN_CHARS_X", "ÜS"]),
+    _texts(64),
+    st.one_of(st.none(), st.integers(-(2**31) - 1, 2**31), st.integers(-(10**13), 10**13)),
+    st.integers(1, 3),
+)
+_STUDIES = st.builds(
+    StudyRecord,
+    study_uid=_UIDS,
+    patient_name=st.one_of(_texts(64), st.sampled_from(["DOE^JANE=", "A=B", "A\\B", "DOE^J="])),
+    patient_id=_texts(64),
+    patient_birth_date=_DATES,
+    patient_sex=st.sampled_from(["", "M", "F", "O", "X", "m"]),
+    study_date=_DATES,
+    study_time=_TIMES,
+    study_id=_texts(16),
+    study_description=_texts(64),
+    accession_number=_texts(16),
+    specific_character_set=st.sampled_from(
+        ["", "", "", "ISO_IR 100", "ISO_IR 192", "\\ISO 2022 IR 87", "bogus"]
+    ),
+)
+
+
+def _entries(study: StudyRecord, series: list[tuple]) -> list[tuple[InstanceRecord, str]]:
+    entries = []
+    for s, (series_uid, modality, description, number, count) in enumerate(series, start=1):
+        for i in range(1, count + 1):
+            inst = InstanceRecord(
+                study_uid=study.study_uid,
+                series_uid=series_uid,
+                sop_uid=f"1.2.9.{s}.{i}",
+                sop_class_uid=uid.SecondaryCaptureImageStorage,
+                transfer_syntax=uid.ExplicitVRLittleEndian,
+                modality=modality,
+                series_description=description,
+                series_number=number,
+                instance_number=i,
+            )
+            entries.append((inst, f"DICOM/S{s}/I{i}"))
+    return entries
+
+
+def _pydicom_prefix(data: bytes, fileset_id: str) -> bytes:
+    """The preamble, file meta and DICOMDIR header of *data*, as pydicom encodes them."""
+    ds = dcmread(DicomBytesIO(data))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.MediaStorageDirectoryStorage
+    meta.MediaStorageSOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    meta.ImplementationClassUID = uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"STUDYVAULT {studyvault.__version__}"[:16]
+    fp = DicomBytesIO()
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    header = Dataset()
+    header.FileSetID = fileset_id  # read back, trailing spaces are gone
+    first = ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity
+    header.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = first
+    header.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = first
+    header.FileSetConsistencyFlag = 0
+    write_dataset(fp, header)
+    return fp.getvalue()
+
+
+def _build_with_pydicom(*args: Any, **kwargs: Any) -> bytes:
+    """:func:`build_dicomdir` with every directory record encoded by pydicom."""
+    with (
+        mock.patch.object(dicomdir, "_direct_record", return_value=None),
+        mock.patch.object(dicomdir, "_image_record", return_value=None),
+    ):
+        return build_dicomdir(*args, **kwargs)
+
+
+def _direct_results() -> tuple[list[bytes | None], Any]:
+    """A stand-in for ``_direct_record`` that keeps what each call returned."""
+    results: list[bytes | None] = []
+    real = dicomdir._direct_record
+
+    def spy(rtype: str, keys: Any) -> bytes | None:
+        results.append(real(rtype, keys))
+        return results[-1]
+
+    return results, mock.patch.object(dicomdir, "_direct_record", spy)
+
+
+@given(
+    study=_STUDIES,
+    series=st.lists(_SERIES, min_size=1, max_size=3, unique_by=lambda s: s[0]),
+    fileset_id=st.from_regex(r"[A-Z0-9_ ]{0,16}", fullmatch=True),
+)
+@settings(max_examples=400, deadline=None)
+def test_direct_encoding_gives_the_pydicom_bytes(
+    study: StudyRecord, series: list[tuple], fileset_id: str
+) -> None:
+    entries = _entries(study, series)
+    results, spy = _direct_results()
+    with spy, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of values it finds invalid
+        fast = build_dicomdir(study, entries, fileset_id=fileset_id)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        slow = _build_with_pydicom(study, entries, fileset_id=fileset_id)
+    assert fast == slow
+    assert fast.startswith(_pydicom_prefix(fast, fileset_id))
+    if len(results) == 2 + len(series) and None not in results:
+        # only what pydicom takes without a warning is encoded directly
+        assert [str(w.message) for w in warned] == []
+
+
+def test_direct_record_keys_are_those_of_the_dicom_dictionary() -> None:
+    for rtype, keys in dicomdir._RECORD_KEYS.items():
+        assert [tag for _, tag, _ in keys] == sorted(tag for _, tag, _ in keys), rtype
+        for keyword, tag, vr in keys:
+            assert (keyword_for_tag(tag), dictionary_VR(tag)) == (keyword, vr.decode()), keyword
+
+
+_PLAIN = StudyRecord(
+    study_uid="1.2.3",
+    patient_name="O'BRIEN^SIOBHAN^^DR",
+    patient_id="X" * 64,
+    patient_birth_date="1970-01-31",
+    patient_sex="F",
+    study_date="20240229",
+    study_time="235960.123456",
+    study_id="S" * 16,
+    study_description="CT Chest w/o contrast (low dose)",
+    accession_number="A1",
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "direct"),
+    [
+        ({}, True),
+        ({"study_time": "", "patient_birth_date": "", "patient_sex": "", "study_id": ""}, True),
+        ({"specific_character_set": "ISO_IR 100"}, False),  # ASCII, but a charset
+        ({"patient_name": "Müller^Jürgen"}, False),
+        ({"patient_name": "DOE^JANE="}, False),  # pydicom drops the empty component
+        ({"patient_id": "X" * 65}, False),
+        ({"study_id": "S" * 17}, False),
+        ({"accession_number": "A\\B"}, False),  # two values
+        ({"study_description": "line\nbreak"}, False),
+        ({"study_time": "10.5"}, False),  # accepted by the index, refused by pydicom
+        ({"study_uid": "1.02.3"}, False),
+    ],
+)
+def test_only_plain_ascii_studies_are_encoded_directly(
+    changes: dict[str, str], direct: bool
+) -> None:
+    study = msgspec.structs.replace(_PLAIN, **changes)
+    entries = _entries(study, [("1.2.3.1", "CT", "Axial 1.0", 7, 2)])
+    results, spy = _direct_results()
+    with spy, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = build_dicomdir(study, entries)
+        assert fast == _build_with_pydicom(study, entries)
+    # a record falls back, or (with a charset) none is even tried
+    assert (len(results) == 3 and None not in results) == direct
+
+
+def test_series_records_fall_back_for_values_pydicom_must_encode() -> None:
+    study = StudyRecord(study_uid="1.2.3")
+    series = [
+        ("1.2.3.1", "CT", "plain", 2**31 - 1, 1),
+        ("1.2.3.2", "ct", "", 1, 1),  # CS is upper case
+        ("1.2.3.3", "CT", "", 2**31, 1),  # beyond IS
+        ("1.2.3.4", "CT", "D" * 65, None, 1),
+    ]
+    results, spy = _direct_results()
+    with spy, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = build_dicomdir(study, _entries(study, series))
+        assert fast == _build_with_pydicom(study, _entries(study, series))
+    assert [r is not None for r in results] == [True, True, True, False, False, False]
