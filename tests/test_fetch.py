@@ -35,13 +35,26 @@ def archived(home, run, tmp_path, request):
     naming, zipped = getattr(request, "param", ("readable", False))
     cfg = home / "studyvault.toml"
     cfg.write_text(cfg.read_text().replace("stable_age_minutes = 10.0", "stable_age_minutes = 0.0"))
-    files = make_study(tmp_path / "src", n_instances=3, patient_name="FETCH^ME",
-                       study_date="20100101")
+    files = make_study(
+        tmp_path / "src", n_instances=3, patient_name="FETCH^ME", study_date="20100101"
+    )
     assert run("import", tmp_path / "src").code == 0
     args = ["archives", "add", "Archive", tmp_path / "arch", "--naming", naming]
     assert run(*args, *(["--zip"] if zipped else [])).code == 0
-    run("tasks", "add", "A", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Archive", "--all", "--throttle-ms", "0")
+    run(
+        "tasks",
+        "add",
+        "A",
+        "--action",
+        "archive",
+        "--from",
+        "Image Center Storage",
+        "--to",
+        "Archive",
+        "--all",
+        "--throttle-ms",
+        "0",
+    )
     assert run("tasks", "run", "A").code == 0
     [study] = run("studies", "--json").json()
     assert study["status"] == "archived"
@@ -84,8 +97,13 @@ def test_return_of_an_unchanged_study_removes_only_the_online_copy(home, run, ar
 def test_return_with_a_new_instance_merges_into_the_archive(home, run, archived, tmp_path):
     uid, files = archived
     run("study", "fetch", uid)
-    report = make_instance(tmp_path / "report.dcm", study_uid=uid, modality="SR",
-                           patient_name="FETCH^ME", study_date="20100101")
+    report = make_instance(
+        tmp_path / "report.dcm",
+        study_uid=uid,
+        modality="SR",
+        patient_name="FETCH^ME",
+        study_date="20100101",
+    )
     assert run("import", report).code == 0
     with Vault.open() as vault:
         [result] = return_due(vault, today=dt.date.today() + dt.timedelta(days=15))
@@ -111,14 +129,13 @@ def test_fetch_from_an_unmounted_archive_says_what_to_do(home, run, archived):
     assert online_hashes(home) == []
 
 
-@pytest.mark.parametrize("failpoint", ["journaled", "staged", "verified", "published",
-                                       "committed"])
-def test_killed_fetch_then_fetch_again_loses_and_duplicates_nothing(home, run, archived,
-                                                                    failpoint):
+@pytest.mark.parametrize("failpoint", ["journaled", "staged", "verified", "published", "committed"])
+def test_killed_fetch_then_fetch_again_loses_and_duplicates_nothing(home, run, archived, failpoint):
     uid, files = archived
     env = {**os.environ, "STUDYVAULT_FAILPOINT": failpoint}
-    crashed = subprocess.run([sys.executable, "-m", "studyvault", "study", "fetch", uid],
-                             env=env, capture_output=True)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "studyvault", "study", "fetch", uid], env=env, capture_output=True
+    )
     assert crashed.returncode == -signal.SIGKILL
     result = run("study", "fetch", uid)
     assert result.code == 0, result.err

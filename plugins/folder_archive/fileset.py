@@ -130,8 +130,7 @@ def _sync_and_check(path: Path, inst: InstanceRecord) -> None:
             digest.update(view[:n])
     if digest.hexdigest() != inst.sha256:
         raise IntegrityError(
-            f"{path} (instance {inst.sop_uid}) does not match its recorded SHA-256 "
-            "when read back"
+            f"{path} (instance {inst.sop_uid}) does not match its recorded SHA-256 when read back"
         )
 
 
