@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,10 +59,15 @@ _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studyvault-sha25
 def copy_stream(src: IO[bytes], out: IO[bytes]) -> tuple[int, str]:
     """Copy ``src`` to ``out``; return (bytes, SHA-256 hex) of what was copied.
 
-    Hashing a chunk runs in a helper thread while the chunk is written and the next
-    one read (hashlib and file I/O release the GIL), so a large file costs about the
-    larger of the two instead of their sum.
+    A regular file of a chunk or more is copied in the kernel while a helper thread
+    hashes it (:func:`_copy_hashed_in_kernel`). Otherwise hashing a chunk runs in a
+    helper thread while the chunk is written and the next one read (hashlib and file
+    I/O release the GIL), so a large file costs about the larger of the two instead of
+    their sum.
     """
+    done = _copy_hashed_in_kernel(src, out)
+    if done is not None:
+        return done
     digest = hashlib.sha256()
     size = 0
     hashing = None
@@ -76,6 +82,51 @@ def copy_stream(src: IO[bytes], out: IO[bytes]) -> tuple[int, str]:
     if hashing is not None:
         hashing.result()
     return size, digest.hexdigest()
+
+
+def _hash_fd(fd: int) -> tuple[int, str]:
+    """(bytes, SHA-256 hex) of the file open at ``fd``, read with ``pread`` (the
+    descriptor's position is left to whoever else reads it)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return offset, digest.hexdigest()
+
+
+def _copy_hashed_in_kernel(src: IO[bytes], out: IO[bytes]) -> tuple[int, str] | None:
+    """Copy a regular file not yet read from in the kernel (:func:`copy_plain`) while a
+    helper thread hashes it; (bytes, SHA-256 hex), or None when this does not apply (not
+    a file, already read from, smaller than a chunk), and nothing was written.
+
+    The file is read twice (the second time from the page cache), so the SHA-256 is
+    of the copied bytes only if the file did not change meanwhile: its size and
+    modification time are compared before and after, and a file that changed is
+    copied again, through the hashing loop (None, ``out`` emptied, ``src`` rewound).
+    """
+    try:
+        fd = src.fileno()
+        before = os.fstat(fd)
+        fresh = src.tell() == 0 and os.lseek(fd, 0, os.SEEK_CUR) == 0
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    if not fresh or not stat.S_ISREG(before.st_mode) or before.st_size < CHUNK:
+        return None
+    hashing = _HASHER.submit(_hash_fd, fd)
+    try:
+        size = copy_plain(src, out)
+    finally:
+        hashed, digest = hashing.result()
+    after = os.fstat(fd)
+    if size == hashed == before.st_size == after.st_size and (
+        before.st_mtime_ns == after.st_mtime_ns
+    ):
+        return size, digest
+    src.seek(0)
+    out.seek(0)
+    out.truncate()
+    return None
 
 
 def copy_plain(src: IO[bytes], out: IO[bytes]) -> int:

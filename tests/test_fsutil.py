@@ -42,3 +42,46 @@ def test_copy_stream_hashes_what_it_copies(tmp_path):
     size, digest = copy_stream(io.BytesIO(data), out)
     assert size == len(data) and out.getvalue() == data
     assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_copy_stream_of_a_large_file_is_copied_in_the_kernel_and_hashed(tmp_path, monkeypatch):
+    import hashlib
+
+    from studyvault import fsutil
+
+    data = os.urandom(3_000_001)
+    (tmp_path / "a").write_bytes(data)
+    kernel: list[int] = []
+    plain = fsutil.copy_plain
+    monkeypatch.setattr(fsutil, "copy_plain", lambda s, o: kernel.append(1) or plain(s, o))
+    with open(tmp_path / "a", "rb") as src, open(tmp_path / "b", "wb") as out:
+        size, digest = copy_stream(src, out)
+    assert kernel == [1]
+    assert size == len(data) and (tmp_path / "b").read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_changing_while_it_is_copied_is_copied_again(tmp_path, monkeypatch):
+    """The kernel copy and the hash read the file separately: when it changed between
+    them, the copy is redone through the hashing loop, so the SHA-256 returned is that
+    of the bytes written."""
+    import hashlib
+
+    from studyvault import fsutil
+
+    source = tmp_path / "a"
+    source.write_bytes(os.urandom(2_000_000))
+    plain = fsutil.copy_plain
+
+    def copy_then_append(src, out):
+        copied = plain(src, out)
+        with open(source, "ab") as more:  # a device still writing the file
+            more.write(b"late bytes")
+        return copied
+
+    monkeypatch.setattr(fsutil, "copy_plain", copy_then_append)
+    with open(source, "rb") as src, open(tmp_path / "b", "wb") as out:
+        size, digest = copy_stream(src, out)
+    written = (tmp_path / "b").read_bytes()
+    assert written == source.read_bytes() and size == len(written) == 2_000_010
+    assert digest == hashlib.sha256(written).hexdigest()
