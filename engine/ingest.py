@@ -93,6 +93,22 @@ class Ingestor:
             differs from the ingestor's (a receiver serving several devices).
         :returns: the outcome and, for duplicates and conflicts, a reason.
         """
+        verdict = self.verdict(header, digest_of or (lambda: _digest(src)))
+        if verdict is not None:
+            return verdict
+        location, path, size, digest = self.storage.ingest(header.study_uid, header.sop_uid, src)
+        self.stored(header, location, path, size, digest, source=source)
+        return Outcome.STORED, ""
+
+    def verdict(
+        self, header: InstanceHeader, digest_of: Callable[[], str]
+    ) -> tuple[Outcome, str] | None:
+        """The outcome for an instance whose SOPInstanceUID is already stored (or waits
+        for a commit): a duplicate, or a conflict with the reason; None for a new one,
+        which the caller then stores and hands to :meth:`stored`.
+
+        :param digest_of: the SHA-256 of the instance's bytes, computed only when needed.
+        """
         known = self._pending_sops.get(header.sop_uid)
         known_study = header.study_uid if known is not None else None
         if known is None:
@@ -100,18 +116,30 @@ class Ingestor:
             if known_study is not None:
                 record = self.index.get_instance(known_study, header.sop_uid)
                 known = record.sha256 if record else None
-        if known is not None:
-            digest = digest_of() if digest_of else _digest(src)
-            if digest == known and known_study == header.study_uid:
-                return Outcome.DUPLICATE, "already stored"
-            if known_study != header.study_uid:
-                return Outcome.CONFLICT, (
-                    f"SOPInstanceUID {header.sop_uid} is already stored in study {known_study}"
-                )
+        if known is None:
+            return None
+        if known_study != header.study_uid:
             return Outcome.CONFLICT, (
-                f"SOPInstanceUID {header.sop_uid} is already stored with different content"
+                f"SOPInstanceUID {header.sop_uid} is already stored in study {known_study}"
             )
-        location, path, size, digest = self.storage.ingest(header.study_uid, header.sop_uid, src)
+        if digest_of() == known:
+            return Outcome.DUPLICATE, "already stored"
+        return Outcome.CONFLICT, (
+            f"SOPInstanceUID {header.sop_uid} is already stored with different content"
+        )
+
+    def stored(
+        self,
+        header: InstanceHeader,
+        location: str,
+        path: str,
+        size: int,
+        digest: str,
+        *,
+        source: str | None = None,
+    ) -> None:
+        """Queue an instance the storage has just ingested for the next commit (and
+        commit when the group is full or old enough)."""
         record = header_to_instance(header, size=size, sha256=digest, received=time.time())
         record.paths = {self.storage.id: path}
         self._queue(header, record, location, source)
@@ -120,7 +148,6 @@ class Ingestor:
             or time.monotonic() - self._first_pending > self.seconds
         ):
             self.commit()
-        return Outcome.STORED, ""
 
     def adopt(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,7 @@ class ImageDirectory(OnlineStorage):
         super().__init__(config, base)
         self._dirty: set[Path] = set()
         self._unsynced: list[tuple[Path, Path]] = []  # (temp file, final path)
+        self._unsynced_lock = threading.Lock()  # import stores files from two threads
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -119,12 +121,14 @@ class ImageDirectory(OnlineStorage):
         if not folder.is_dir():
             self._require_key()
             folder.mkdir(parents=True, exist_ok=True)
-            self._dirty.update({folder.parent, folder.parent.parent})
+            with self._unsynced_lock:
+                self._dirty.update({folder.parent, folder.parent.parent})
         final = folder / path
         tmp = temp_name(final)
         size, digest = write_unsynced(tmp, src)
-        self._unsynced.append((tmp, final))
-        self._dirty.add(folder)
+        with self._unsynced_lock:
+            self._unsynced.append((tmp, final))
+            self._dirty.add(folder)
         return location, path, size, digest
 
     def flush(self) -> None:
@@ -136,8 +140,9 @@ class ImageDirectory(OnlineStorage):
         return _FLUSHER.submit(self._sync, self._take())
 
     def _take(self) -> tuple[list[tuple[Path, Path]], set[Path]]:
-        pending, self._unsynced = self._unsynced, []
-        dirty, self._dirty = self._dirty, set()
+        with self._unsynced_lock:
+            pending, self._unsynced = self._unsynced, []
+            dirty, self._dirty = self._dirty, set()
         return pending, dirty
 
     def _sync(self, group: tuple[list[tuple[Path, Path]], set[Path]]) -> None:

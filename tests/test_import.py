@@ -77,6 +77,31 @@ def test_same_sop_instance_with_different_bytes_is_reported_not_overwritten(home
     assert sha(stored) == sha(original)
 
 
+def test_the_same_instance_twice_in_one_import_is_stored_once(home, run, tmp_path):
+    """Files are stored two at a time: a copy and a changed version of one instance
+    next to each other in the same import are a duplicate and a conflict, and the
+    first one seen is what is stored."""
+    first = make_instance(
+        tmp_path / "src" / "a1.dcm", study_uid="1.2.3.4", sop_uid="1.2.3.4.5",
+        patient_name="FIRST^VERSION", pixel_bytes=3_000_000,
+    )  # fmt: skip
+    (tmp_path / "src" / "a2.dcm").write_bytes(first.read_bytes())
+    make_instance(
+        tmp_path / "src" / "a3.dcm", study_uid="1.2.3.4", sop_uid="1.2.3.4.5",
+        patient_name="SECOND^VERSION",
+    )  # fmt: skip
+    for i in range(4):  # others around them, so the workers are busy
+        make_instance(tmp_path / "src" / f"b{i}.dcm", study_uid="1.2.3.4", pixel_bytes=2_000_000)
+    summary = run("import", tmp_path / "src", "--json").json()
+    assert summary["instances"] == 5 and summary["duplicates"] == 1
+    assert [c["path"] for c in summary["conflicts"]] == [str(tmp_path / "src" / "a3.dcm")]
+    stored = sorted((home / "images").rglob("*.dcm"))
+    assert len(stored) == 5 and sha(first) in {sha(p) for p in stored}
+    [study] = run("studies", "--json").json()
+    assert study["instances"] == 5
+    assert run("verify", "--json").json()["ok"] is True
+
+
 def test_files_without_dcm_extension_are_found_by_content(home, run, tmp_path):
     make_instance(tmp_path / "in" / "IM0001", study_uid="1.2.840.1.1")
     make_instance(tmp_path / "in" / "IM0002", study_uid="1.2.840.1.1", preamble=False)
