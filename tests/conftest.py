@@ -43,6 +43,31 @@ def run(capsys: pytest.CaptureFixture[str]):
 
 
 @pytest.fixture
+def add_task(run):
+    """``studyvault tasks add NAME --action ACTION --from SOURCE [--to TO] OPTION...
+    --throttle-ms N`` through :func:`run`: the source defaults to the starter image
+    directory and the throttle to 0 (``throttle_ms=None`` leaves the option out)."""
+
+    def _add(
+        name: str,
+        action: str,
+        *options: object,
+        source: str = "Image Center Storage",
+        to: object = None,
+        throttle_ms: int | None = 0,
+    ) -> Result:
+        args: list[object] = ["tasks", "add", name, "--action", action, "--from", source]
+        if to is not None:
+            args += ["--to", to]
+        args += options
+        if throttle_ms is not None:
+            args += ["--throttle-ms", throttle_ms]
+        return run(*args)
+
+    return _add
+
+
+@pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run) -> Path:
     """A studyvault set up with `studyvault init` in tmp_path/vault, used by default."""
     folder = tmp_path / "vault"

@@ -253,7 +253,7 @@ def test_a_lasting_problem_is_repeated_after_repeat_minutes_only(alerting, smtp,
 
 
 def test_an_archive_going_offline_is_reported_and_its_return_resolves_it(
-    alerting, smtp, hook, run, tmp_path
+    alerting, smtp, hook, run, add_task, tmp_path
 ):
     assert run("archives", "add", "My Study Archive", tmp_path / "share").code == 0
     check(T0)
@@ -275,7 +275,7 @@ def test_an_archive_going_offline_is_reported_and_its_return_resolves_it(
     assert "RESOLVED: resolved: Archive 'My Study Archive' is offline" in smtp.subjects()[1]
 
 
-def archive_task(run, tmp_path: Path, *, min_free_mb: int) -> None:
+def archive_task(run, add_task, tmp_path: Path, *, min_free_mb: int) -> None:
     config = Path(os.environ["STUDYVAULT_CONFIG"])
     doc = tomlkit.parse(config.read_text())
     doc["studyvault"]["stable_age_minutes"] = 0.0  # type: ignore[index]
@@ -284,11 +284,7 @@ def archive_task(run, tmp_path: Path, *, min_free_mb: int) -> None:
     assert run("import", study[0].parent).code == 0
     args = ["--min-free-mb", str(min_free_mb)]
     assert run("archives", "add", "My Study Archive", tmp_path / "arch", *args).code == 0
-    result = run(
-        "tasks", "add", "Archive Old Studies", "--action", "archive",
-        "--from", "Image Center Storage", "--to", "My Study Archive", "--all",
-        "--throttle-ms", "0",
-    )  # fmt: skip
+    result = add_task("Archive Old Studies", "archive", "--all", to="My Study Archive")
     assert result.code == 0, result.err
 
 
@@ -301,9 +297,9 @@ def events(smtp: SmtpSink, hook: HttpSink) -> list[tuple[str, str]]:
 
 
 def test_a_task_stopped_by_a_full_archive_is_reported_until_a_run_completes(
-    alerting, smtp, hook, run, tmp_path
+    alerting, smtp, hook, run, add_task, tmp_path
 ):
-    archive_task(run, tmp_path, min_free_mb=10**9)
+    archive_task(run, add_task, tmp_path, min_free_mb=10**9)
     assert run("tasks", "run", "Archive Old Studies").code == 1
     check(T0)
     check(T0 + MINUTE)
@@ -332,7 +328,7 @@ def test_a_task_stopped_by_a_full_archive_is_reported_until_a_run_completes(
 
 
 def test_a_verify_that_finds_changed_or_missing_files_is_reported(
-    alerting, smtp, hook, run, tmp_path
+    alerting, smtp, hook, run, add_task, tmp_path
 ):
     paths = make_study(tmp_path / "incoming", n_instances=3, patient_name="ROE^JANE")
     assert run("import", paths[0].parent).code == 0
@@ -366,10 +362,10 @@ def test_a_verify_that_finds_changed_or_missing_files_is_reported(
 
 
 def test_a_scheduled_task_that_has_not_succeeded_for_days_is_overdue(
-    alerting, smtp, hook, run, tmp_path
+    alerting, smtp, hook, run, add_task, tmp_path
 ):
     configure(alerting, task_overdue_days=7)
-    archive_task(run, tmp_path, min_free_mb=0)
+    archive_task(run, add_task, tmp_path, min_free_mb=0)
     doc = tomlkit.parse(alerting.read_text())
     doc["tasks"][0]["days"] = ["Sa", "Su"]  # type: ignore[index]
     doc["tasks"][0]["hours"] = "22:00-04:00"  # type: ignore[index]

@@ -30,7 +30,7 @@ def online_hashes(home: Path) -> list[str]:
 
 
 @pytest.fixture
-def archived(home, run, tmp_path, request):
+def archived(home, run, add_task, tmp_path, request):
     """One 3-instance study archived to an archive of the given variant."""
     naming, zipped = getattr(request, "param", ("readable", False))
     cfg = home / "studyvault.toml"
@@ -41,20 +41,7 @@ def archived(home, run, tmp_path, request):
     assert run("import", tmp_path / "src").code == 0
     args = ["archives", "add", "Archive", tmp_path / "arch", "--naming", naming]
     assert run(*args, *(["--zip"] if zipped else [])).code == 0
-    run(
-        "tasks",
-        "add",
-        "A",
-        "--action",
-        "archive",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Archive",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("A", "archive", "--all", to="Archive")
     assert run("tasks", "run", "A").code == 0
     [study] = run("studies", "--json").json()
     assert study["status"] == "archived"

@@ -429,12 +429,9 @@ def test_a_bad_naming_in_the_config_names_the_field(home, run, tmp_path) -> None
     assert "archives[0]" in result.err and "naming must be 'readable' or 'uid'" in result.err
 
 
-def test_remove_refuses_while_a_task_uses_the_archive(home, run, tmp_path) -> None:
+def test_remove_refuses_while_a_task_uses_the_archive(home, run, add_task, tmp_path) -> None:
     run("archives", "add", "A", tmp_path / "a")
-    run(
-        "tasks", "add", "T", "--action", "archive",
-        "--from", "Image Center Storage", "--to", "A", "--all",
-    )  # fmt: skip
+    add_task("T", "archive", "--all", to="A", throttle_ms=None)
     result = run("archives", "remove", "A")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert 'task "T" uses it' in result.err and 'studyvault tasks remove "T"' in result.err

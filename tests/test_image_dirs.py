@@ -73,12 +73,9 @@ def test_a_moved_image_directory_is_adopted_with_its_studies(home, run, tmp_path
     assert len(studies) == 1 and studies[0]["instances"] == 3
 
 
-def test_remove_refuses_while_a_task_uses_the_directory(home, run, tmp_path):
+def test_remove_refuses_while_a_task_uses_the_directory(home, run, add_task, tmp_path):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    assert run(
-        "tasks", "add", "Fill Disk 2", "--action", "move",
-        "--from", "Image Center Storage", "--to", "Disk 2", "--all",
-    ).code == 0  # fmt: skip
+    assert add_task("Fill Disk 2", "move", "--all", to="Disk 2", throttle_ms=None).code == 0
     result = run("image-dirs", "remove", "Disk 2")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert 'task "Fill Disk 2" uses it' in result.err
@@ -92,7 +89,9 @@ def image_dir(run, name: str) -> dict:
     return next(r for r in run("image-dirs", "list", "--json").json() if r["name"] == name)
 
 
-def test_a_missing_image_directory_folder_is_offline_and_never_recreated(home, run, tmp_path):
+def test_a_missing_image_directory_folder_is_offline_and_never_recreated(
+    home, run, add_task, tmp_path
+):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
     make_study(tmp_path / "s", n_instances=1)
     assert run("import", tmp_path / "s", "--to", "Disk 2").code == 0
@@ -103,10 +102,14 @@ def test_a_missing_image_directory_folder_is_offline_and_never_recreated(home, r
     make_study(tmp_path / "new", n_instances=1)
     refused = run("import", tmp_path / "new", "--to", "Disk 2")
     assert refused.code == 2 and "Disk 2 is offline" in refused.err
-    run(
-        "tasks", "add", "Empty Disk 2", "--action", "move",
-        "--from", "Disk 2", "--to", "Image Center Storage", "--all",
-    )  # fmt: skip
+    add_task(
+        "Empty Disk 2",
+        "move",
+        "--all",
+        source="Disk 2",
+        to="Image Center Storage",
+        throttle_ms=None,
+    )
     ran = run("tasks", "run", "Empty Disk 2")
     assert ran.code == 2 and "Disk 2 is offline" in ran.err
     assert len(ran.err.strip().splitlines()) == 1

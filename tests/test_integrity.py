@@ -43,7 +43,7 @@ def archive_instances(root: Path) -> list[Path]:
 
 
 @pytest.fixture
-def store(home, run, tmp_path):
+def store(home, run, add_task, tmp_path):
     """Three stable studies: two online in the image directory, one archived in the
     folder archive ``Archive`` (readable naming)."""
     cfg = home / "studyvault.toml"
@@ -54,10 +54,7 @@ def store(home, run, tmp_path):
         )
     assert run("import", tmp_path / "src").code == 0
     assert run("archives", "add", "Archive", tmp_path / "arch").code == 0
-    run(
-        "tasks", "add", "Old", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Archive", "--dates", "2000-01-01..2009-12-31", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("Old", "archive", "--dates", "2000-01-01..2009-12-31", to="Archive")
     assert run("tasks", "run", "Old").code == 0
     return tmp_path
 
@@ -96,12 +93,9 @@ def test_a_flipped_byte_in_an_archived_instance_is_reported_as_changed(home, run
     assert run("verify", "Image Center Storage").code == 0  # the other storage is fine
 
 
-def test_a_flipped_byte_in_a_zipped_study_is_reported(home, run, store, tmp_path):
+def test_a_flipped_byte_in_a_zipped_study_is_reported(home, run, add_task, store, tmp_path):
     run("archives", "add", "Zipped", tmp_path / "zarch", "--naming", "uid", "--zip")
-    run(
-        "tasks", "add", "Z", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Zipped", "--dates", "2010-01-01..2016-12-31", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("Z", "archive", "--dates", "2010-01-01..2016-12-31", to="Zipped")
     assert run("tasks", "run", "Z").code == 0
     [zipped] = (tmp_path / "zarch" / "studies").glob("*.zip")
     member = "DICOM/S0000001/I0000002"
@@ -196,11 +190,8 @@ def test_unmounted_and_offline_archives_are_reported_not_crashed_on(home, run, s
     assert checked.code == 1 and "storage-offline: Archive" in checked.out
 
 
-def test_verify_runs_as_a_storage_task(home, run, store):
-    result = run(
-        "tasks", "add", "V", "--action", "verify", "--from", "Archive", "--all",
-        "--throttle-ms", "0",
-    )  # fmt: skip
+def test_verify_runs_as_a_storage_task(home, run, add_task, store):
+    result = add_task("V", "verify", "--all", source="Archive")
     assert result.code == 0, result.err
     assert "Verify all studies from Archive" in result.out
     ran = run("tasks", "run", "V")
@@ -213,10 +204,7 @@ def test_verify_runs_as_a_storage_task(home, run, store):
     assert "Completed 1/1 studies [1 errors]" in ran.out
     assert "Archive: 1 problem(s): changed: DICOM/S0000001/I0000001" in ran.out
     assert victim.exists()  # verify changes nothing
-    online = run(
-        "tasks", "add", "V2", "--action", "verify", "--from", "Image Center Storage", "--all",
-        "--throttle-ms", "0",
-    )  # fmt: skip
+    online = add_task("V2", "verify", "--all")
     assert online.code == 0 and run("tasks", "run", "V2").code == 0
 
 
@@ -376,12 +364,9 @@ def test_forget_refuses_an_offline_storage(home, run, store, tmp_path):
     assert not [e for e in run("audit", "--json").json() if e["op"] == "forget"]
 
 
-def test_a_stuck_journal_entry_is_replayed_by_repair(home, run, store):
+def test_a_stuck_journal_entry_is_replayed_by_repair(home, run, add_task, store):
     env = {**os.environ, "STUDYVAULT_CONFIG": str(home / "studyvault.toml")}
-    run(
-        "tasks", "add", "All", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Archive", "--all", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("All", "archive", "--all", to="Archive")
     killed = subprocess.run(
         [*SV, "tasks", "run", "All"],
         env={**env, "STUDYVAULT_FAILPOINT": "verified"},
@@ -401,17 +386,11 @@ def test_a_stuck_journal_entry_is_replayed_by_repair(home, run, store):
     assert ops.count("repair") == 1
 
 
-def test_every_destructive_path_leaves_an_audit_line(home, run, store, tmp_path):
+def test_every_destructive_path_leaves_an_audit_line(home, run, add_task, store, tmp_path):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run(
-        "tasks", "add", "Move", "--action", "move", "--from", "Image Center Storage",
-        "--to", "Disk 2", "--dates", "2015-01-01..2015-12-31", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("Move", "move", "--dates", "2015-01-01..2015-12-31", to="Disk 2")
     assert run("tasks", "run", "Move").code == 0
-    run(
-        "tasks", "add", "Purge", "--action", "delete", "--from", "Image Center Storage",
-        "--all", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("Purge", "delete", "--all")
     assert run("tasks", "run", "Purge", "--confirm", "DELETE").code == 0
     (tmp_path / "d2" / "staging" / "feed").mkdir(parents=True)
     assert run("check", "--repair").code == 0

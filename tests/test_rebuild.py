@@ -131,10 +131,9 @@ def test_rebuild_with_a_corrupt_index(home, run, setup):
     assert listed(run) == before
 
 
-def test_rebuild_refuses_unfinished_journal_entries_unless_forced(home, run, setup):
+def test_rebuild_refuses_unfinished_journal_entries_unless_forced(home, run, add_task, setup):
     env = {**os.environ, "STUDYVAULT_CONFIG": str(home / "studyvault.toml")}
-    run("tasks", "add", "Rest", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Folder", "--all", "--throttle-ms", "0")  # fmt: skip
+    add_task("Rest", "archive", "--all", to="Folder")
     killed = subprocess.run(
         [*SV, "tasks", "run", "Rest"],
         env={**env, "STUDYVAULT_FAILPOINT": "staged"},

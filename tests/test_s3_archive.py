@@ -295,7 +295,7 @@ def online_hashes(home: Path) -> list[str]:
     return sorted(sha(p) for p in (home / "images" / "studies").rglob("*.dcm"))
 
 
-def test_archive_fetch_and_return_through_the_cli(s3, home, run, tmp_path):
+def test_archive_fetch_and_return_through_the_cli(s3, home, run, add_task, tmp_path):
     add_s3_archive(home, s3.url, f"cli-{uuid.uuid4().hex[:8]}")
     files = make_study(tmp_path / "src", n_instances=3, patient_name="CLOUD^ME")
     assert run("import", tmp_path / "src").code == 0
@@ -304,23 +304,7 @@ def test_archive_fetch_and_return_through_the_cli(s3, home, run, tmp_path):
     assert row["kind"] == "s3" and row["status"] == "Online"
     table = run("archives", "list")
     assert table.code == 0 and f"s3://{BUCKET}/cli-" in table.out
-    assert (
-        run(
-            "tasks",
-            "add",
-            "A",
-            "--action",
-            "archive",
-            "--from",
-            "Image Center Storage",
-            "--to",
-            "Cloud Archive",
-            "--all",
-            "--throttle-ms",
-            "0",
-        ).code
-        == 0
-    )
+    assert add_task("A", "archive", "--all", to="Cloud Archive").code == 0
     result = run("tasks", "run", "A")
     assert result.code == 0, result.err
     [study] = run("studies", "--json").json()
@@ -349,26 +333,13 @@ def test_archive_fetch_and_return_through_the_cli(s3, home, run, tmp_path):
     assert failed.code == 2 and "unmounted" in failed.err
 
 
-def test_archive_task_pauses_when_the_endpoint_is_down(home, run, tmp_path):
+def test_archive_task_pauses_when_the_endpoint_is_down(home, run, add_task, tmp_path):
     add_s3_archive(home, f"http://127.0.0.1:{free_port()}", "down")
     make_study(tmp_path / "src", n_instances=2)
     assert run("import", tmp_path / "src").code == 0
     [row] = [r for r in run("archives", "list", "--json").json() if r["name"] == "Cloud Archive"]
     assert row["status"] == "Offline"
-    run(
-        "tasks",
-        "add",
-        "A",
-        "--action",
-        "archive",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Cloud Archive",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("A", "archive", "--all", to="Cloud Archive")
     run("tasks", "run", "A")
     [study] = run("studies", "--json").json()
     assert study["status"] == "online"  # nothing lost, nothing marked archived
@@ -404,7 +375,9 @@ main(["tasks", "run", "A"])
         "published:2",
     ],
 )
-def test_killed_upload_then_run_again_lists_no_partial_study(s3, home, run, tmp_path, failpoint):
+def test_killed_upload_then_run_again_lists_no_partial_study(
+    s3, home, run, add_task, tmp_path, failpoint
+):
     prefix = f"crash-{uuid.uuid4().hex[:8]}"
     add_s3_archive(home, s3.url, prefix)
     hashes = []
@@ -412,20 +385,7 @@ def test_killed_upload_then_run_again_lists_no_partial_study(s3, home, run, tmp_
         paths = make_study(tmp_path / "src" / str(i), n_instances=2, patient_name=f"KILL^{i}")
         hashes += [sha(p) for p in paths]
     assert run("import", tmp_path / "src").code == 0
-    run(
-        "tasks",
-        "add",
-        "A",
-        "--action",
-        "archive",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Cloud Archive",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("A", "archive", "--all", to="Cloud Archive")
     if failpoint.startswith("put:"):
         argv = [sys.executable, "-c", KILLED_MID_UPLOAD, failpoint.removeprefix("put:")]
         env = dict(os.environ)

@@ -44,23 +44,9 @@ def studies_by_patient(run) -> dict[str, dict]:
     return {s["patient_name"]: s for s in run("studies", "--json").json()}
 
 
-def test_move_old_studies_to_another_image_directory(home, run, tmp_path, old_and_new):
+def test_move_old_studies_to_another_image_directory(home, run, add_task, tmp_path, old_and_new):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    result = run(
-        "tasks",
-        "add",
-        "Move Old",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--older-than-years",
-        "7",
-        "--throttle-ms",
-        "0",
-    )
+    result = add_task("Move Old", "move", "--older-than-years", "7", to="Disk 2")
     assert result.code == 0, result.err
     assert "Move studies older than 7 years from S:Image Center Storage to S:Disk 2" in result.out
 
@@ -83,22 +69,11 @@ def test_move_old_studies_to_another_image_directory(home, run, tmp_path, old_an
     assert audit[0]["source"] == "Image Center Storage" and audit[0]["destination"] == "Disk 2"
 
 
-def test_move_everything_then_remove_the_empty_image_directory(home, run, tmp_path, old_and_new):
+def test_move_everything_then_remove_the_empty_image_directory(
+    home, run, add_task, tmp_path, old_and_new
+):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run(
-        "tasks",
-        "add",
-        "Empty it",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("Empty it", "move", "--all", to="Disk 2")
     assert run("tasks", "run", "Empty it").code == 0
     rows = {r["name"]: r for r in run("image-dirs", "list", "--json").json()}
     assert rows["Image Center Storage"]["studies"] == 0 and rows["Disk 2"]["studies"] == 3
@@ -108,20 +83,10 @@ def test_move_everything_then_remove_the_empty_image_directory(home, run, tmp_pa
     assert run("image-dirs", "remove", "Image Center Storage").code == 0
 
 
-def test_delete_asks_for_confirmation_and_audits_every_study(home, run, tmp_path, old_and_new):
-    run(
-        "tasks",
-        "add",
-        "Purge",
-        "--action",
-        "delete",
-        "--from",
-        "Image Center Storage",
-        "--dates",
-        f"{years_back(10)[:4]}-01-01..{years_back(8)[:4]}-12-31",
-        "--throttle-ms",
-        "0",
-    )
+def test_delete_asks_for_confirmation_and_audits_every_study(
+    home, run, add_task, tmp_path, old_and_new
+):
+    add_task("Purge", "delete", "--dates", f"{years_back(10)[:4]}-01-01..{years_back(8)[:4]}-12-31")
     refused = run("tasks", "run", "Purge")
     assert refused.code == 2 and "--confirm DELETE" in refused.err
     wrong = run("tasks", "run", "Purge", "--confirm", "delete")
@@ -174,25 +139,20 @@ def test_invalid_tasks_are_refused_with_one_line(home, run, tmp_path, args, mess
     assert "Bad" not in (home / "studyvault.toml").read_text()
 
 
-def test_scheduled_task_is_listed_like_the_seed_product(home, run, tmp_path):
+def test_scheduled_task_is_listed_like_the_seed_product(home, run, add_task, tmp_path):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
     assert (
-        run(
-            "tasks",
-            "add",
+        add_task(
             "Weekend",
-            "--action",
             "move",
-            "--from",
-            "Image Center Storage",
-            "--to",
-            "Disk 2",
             "--older-than-years",
             "7",
             "--days",
             "Sa,Su",
             "--hours",
             "22:00-04:00",
+            to="Disk 2",
+            throttle_ms=None,
         ).code
         == 0
     )
@@ -201,64 +161,29 @@ def test_scheduled_task_is_listed_like_the_seed_product(home, run, tmp_path):
     assert row["status"] == "Ready"
     table = run("tasks", "list").out
     assert "SaSu:10:00pm-4:00am" in table and "Ready" in table
-    again = run(
-        "tasks",
-        "add",
-        "Weekend",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-    )
+    again = add_task("Weekend", "move", "--all", to="Disk 2", throttle_ms=None)
     assert again.code == 2 and "--replace" in again.err
     assert (
-        run(
-            "tasks",
-            "add",
-            "Weekend",
-            "--action",
-            "move",
-            "--from",
-            "Image Center Storage",
-            "--to",
-            "Disk 2",
-            "--all",
-            "--replace",
-        ).code
-        == 0
+        add_task("Weekend", "move", "--all", "--replace", to="Disk 2", throttle_ms=None).code == 0
     )
     assert run("tasks", "show", "Weekend", "--json").json()["config"]["all"] is True
     assert run("tasks", "remove", "Weekend").code == 0
     assert run("tasks", "list", "--json").json() == []
 
 
-def test_studies_still_receiving_are_not_moved(home, run, tmp_path):
+def test_studies_still_receiving_are_not_moved(home, run, add_task, tmp_path):
     make_study(tmp_path / "s", n_instances=2, study_date="20000101")
     run("import", tmp_path / "s")
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run(
-        "tasks",
-        "add",
-        "Move",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("Move", "move", "--all", to="Disk 2")
     result = run("tasks", "run", "Move")
     assert "1 still receiving" in result.out
     assert run("studies", "--json").json()[0]["copies"][0]["storage"] == "Image Center Storage"
 
 
-def test_an_error_on_one_study_is_counted_and_the_run_goes_on(home, run, tmp_path, old_and_new):
+def test_an_error_on_one_study_is_counted_and_the_run_goes_on(
+    home, run, add_task, tmp_path, old_and_new
+):
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
     # ransomware-like damage to one stored file: its copy cannot be verified
     victim = next(
@@ -267,20 +192,7 @@ def test_an_error_on_one_study_is_counted_and_the_run_goes_on(home, run, tmp_pat
         if sha(p) == sha(old_and_new["OLD^ONE"][0])
     )
     victim.write_bytes(b"encrypted" + victim.read_bytes()[9:])
-    run(
-        "tasks",
-        "add",
-        "Move",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("Move", "move", "--all", to="Disk 2")
     result = run("tasks", "run", "Move")
     assert result.code == 1
     assert "Completed 3/3 studies [1 errors]" in result.out
@@ -292,7 +204,7 @@ def test_an_error_on_one_study_is_counted_and_the_run_goes_on(home, run, tmp_pat
 
 
 @pytest.mark.parametrize("options", [[], ["--naming", "uid", "--zip"]], ids=["folder", "zip"])
-def test_a_damaged_source_is_never_archived(home, run, tmp_path, old_and_new, options):
+def test_a_damaged_source_is_never_archived(home, run, add_task, tmp_path, old_and_new, options):
     """The read-back after the staged copy is durable catches a source file that no
     longer matches its recorded SHA-256: that study stays where it is, whole, and the
     archive neither lists it nor keeps staging."""
@@ -304,10 +216,7 @@ def test_a_damaged_source_is_never_archived(home, run, tmp_path, old_and_new, op
     )
     damaged = b"encrypted" + victim.read_bytes()[9:]
     victim.write_bytes(damaged)
-    run(
-        "tasks", "add", "Archive Old", "--action", "archive", "--from", "Image Center Storage",
-        "--to", "Archive", "--older-than-years", "7", "--throttle-ms", "0",
-    )  # fmt: skip
+    add_task("Archive Old", "archive", "--older-than-years", "7", to="Archive")
     result = run("tasks", "run", "Archive Old")
     assert result.code == 1
     assert "Completed 2/2 studies [1 errors]" in result.out
@@ -390,22 +299,11 @@ def test_stop_from_another_process_and_refuse_a_second_run(home, tmp_path):
     assert final["status"].startswith("Stopped by request at") and 0 < final["done"] < 6
 
 
-def test_an_archive_that_is_full_stops_the_run_with_that_reason(home, run, tmp_path, old_and_new):
+def test_an_archive_that_is_full_stops_the_run_with_that_reason(
+    home, run, add_task, tmp_path, old_and_new
+):
     run("archives", "add", "Tiny", tmp_path / "arch", "--min-free-mb", str(10**9))
-    run(
-        "tasks",
-        "add",
-        "A",
-        "--action",
-        "archive",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Tiny",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("A", "archive", "--all", to="Tiny")
     result = run("tasks", "run", "A")
     assert result.code == 1
     assert "Stopped at 0/3 studies [1 errors]: Tiny is full" in result.out
@@ -415,22 +313,11 @@ def test_an_archive_that_is_full_stops_the_run_with_that_reason(home, run, tmp_p
     assert row["status"].startswith("Stopped at 0/3 studies [1 errors]: Tiny is full")
 
 
-def test_an_offline_archive_stops_the_run_before_any_study(home, run, tmp_path, old_and_new):
+def test_an_offline_archive_stops_the_run_before_any_study(
+    home, run, add_task, tmp_path, old_and_new
+):
     run("archives", "add", "Share", tmp_path / "share")
-    run(
-        "tasks",
-        "add",
-        "A",
-        "--action",
-        "archive",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Share",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("A", "archive", "--all", to="Share")
     (tmp_path / "share").rename(tmp_path / "share-gone")  # the network share went away
     result = run("tasks", "run", "A")
     assert result.code == 2 and "Share is offline" in result.err
@@ -438,30 +325,13 @@ def test_an_offline_archive_stops_the_run_before_any_study(home, run, tmp_path, 
 
 
 def test_a_scheduled_run_pauses_at_the_end_of_its_window_and_resumes(
-    home, run, tmp_path, old_and_new
+    home, run, add_task, tmp_path, old_and_new
 ):
     from studyvault.tasks import TaskRunner
     from studyvault.vault import Vault
 
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run(
-        "tasks",
-        "add",
-        "Night",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-        "--days",
-        "Sa,Su",
-        "--hours",
-        "22:00-04:00",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("Night", "move", "--all", "--days", "Sa,Su", "--hours", "22:00-04:00", to="Disk 2")
     now = [dt.datetime(2026, 12, 6, 3, 59)]  # Sunday 03:59, inside Saturday's window
 
     def after_each_study(done, total, errors):
@@ -489,27 +359,14 @@ def test_a_scheduled_run_pauses_at_the_end_of_its_window_and_resumes(
 
 
 def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
-    home, run, tmp_path, old_and_new
+    home, run, add_task, tmp_path, old_and_new
 ):
     """A device sends a late instance of a stable study while a task is moving it: the
     late file must never be deleted with the source copy."""
     from studyvault.testing.dicomgen import make_instance
 
     run("image-dirs", "add", "Disk 2", tmp_path / "d2")
-    run(
-        "tasks",
-        "add",
-        "Move",
-        "--action",
-        "move",
-        "--from",
-        "Image Center Storage",
-        "--to",
-        "Disk 2",
-        "--all",
-        "--throttle-ms",
-        "0",
-    )
+    add_task("Move", "move", "--all", to="Disk 2")
     uid = studies_by_patient(run)["OLD^ONE"]["study_uid"]
     late = make_instance(tmp_path / "late.dcm", study_uid=uid, patient_name="OLD^ONE")
 
@@ -545,13 +402,12 @@ def test_an_instance_received_while_its_study_moves_is_kept_and_moves_next_time(
     assert not list((home / "images" / "studies").rglob("*.dcm"))
 
 
-def test_a_task_naming_a_storage_gone_from_the_config_is_listed_as_invalid(home, run, tmp_path):
+def test_a_task_naming_a_storage_gone_from_the_config_is_listed_as_invalid(
+    home, run, add_task, tmp_path
+):
     run("archives", "add", "A", tmp_path / "a")
-    run(
-        "tasks", "add", "T", "--action", "archive",
-        "--from", "Image Center Storage", "--to", "A", "--all", "--days", "Sa",
-    )  # fmt: skip
-    run("tasks", "add", "Fine", "--action", "delete", "--from", "A", "--all")
+    add_task("T", "archive", "--all", "--days", "Sa", to="A", throttle_ms=None)
+    add_task("Fine", "delete", "--all", source="A", throttle_ms=None)
     cfg = home / "studyvault.toml"  # the admin renames the archive by hand
     cfg.write_text(
         cfg.read_text().replace('name = "A"', 'name = "B"').replace('from = "A"', 'from = "B"')
