@@ -29,7 +29,7 @@ from studyvault.records import InstanceRecord, StudyRecord
 from studyvault.storage import Opener, Role, Status, Storage, StorageConfig, StorePlan
 
 from . import layout
-from .fileset import os_error, write_folder, write_zip
+from .fileset import file_set_items, os_error, write_folder, write_zip
 from .layout import DICOMDIR, KEY_NAME, LAST_STORED, STAGING, STUDIES, is_zip, resolve
 from .zipread import ZipReader
 
@@ -185,14 +185,10 @@ class FolderArchive(Storage):
         study: StudyRecord,
         instances: Iterable[tuple[InstanceRecord, Opener]],
     ) -> None:
-        pending = list(instances)
+        items = file_set_items(plan, instances)
         self._require_online()
         # refused before anything is written, so a full archive is left as it was
-        self.check_room(sum(inst.size for inst, _ in pending))
-        items = sorted(
-            ((inst, opener, plan.paths[inst.sop_uid]) for inst, opener in pending),
-            key=lambda item: item[2],
-        )
+        self.check_room(sum(inst.size for inst, _, _ in items))
         staging = resolve(self.root, plan.staging, "staging name")
         self._zips.forget(staging)
         self._vouched.pop(plan.staging, None)

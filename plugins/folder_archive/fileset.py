@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO
@@ -29,7 +29,7 @@ from typing import IO
 from studyvault.errors import IntegrityError, StorageError, StorageFullError
 from studyvault.fsutil import copy_plain, fsync_dir
 from studyvault.records import InstanceRecord, StudyRecord
-from studyvault.storage import Opener
+from studyvault.storage import Opener, StorePlan
 
 from .layout import DICOMDIR, MANIFEST
 
@@ -42,6 +42,15 @@ FSYNC_THREADS = 8
 _POOL = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="studyvault-fsync")
 #: a read-back buffer per pool thread
 _buffers = threading.local()
+
+
+def file_set_items(
+    plan: StorePlan, instances: Iterable[tuple[InstanceRecord, Opener]]
+) -> list[Item]:
+    """The study's instances with their planned file IDs, in file-set order (the order
+    of the DICOMDIR's records and of the files written)."""
+    items = [(inst, opener, plan.paths[inst.sop_uid]) for inst, opener in instances]
+    return sorted(items, key=lambda item: item[2])
 
 
 def os_error(exc: OSError, path: Path) -> StorageError:

@@ -52,7 +52,7 @@ from studyvault.errors import IntegrityError, StorageError, StorageOfflineError
 from studyvault.keyfile import FORMAT_VERSION
 from studyvault.naming import is_safe_relpath
 from studyvault.plugins.folder_archive import layout
-from studyvault.plugins.folder_archive.fileset import manifest, write_zip
+from studyvault.plugins.folder_archive.fileset import file_set_items, manifest, write_zip
 from studyvault.plugins.folder_archive.layout import DICOMDIR, NOT_INSTANCES, is_zip
 from studyvault.plugins.folder_archive.zipread import ZipReader
 from studyvault.records import InstanceRecord, StudyRecord
@@ -407,15 +407,11 @@ class S3Archive(Storage):
         study: StudyRecord,
         instances: Iterable[tuple[InstanceRecord, Opener]],
     ) -> None:
-        pending = list(instances)
+        items = file_set_items(plan, instances)
         self._require_online()
         # refused before anything is written, so a full archive is left as it was
-        self.check_room(sum(inst.size for inst, _ in pending))
+        self.check_room(sum(inst.size for inst, _, _ in items))
         staging = _check(plan.staging, "staging name")
-        items = sorted(
-            ((inst, opener, plan.paths[inst.sop_uid]) for inst, opener in pending),
-            key=lambda item: item[2],
-        )
         zipped = is_zip(plan.location)
         # a location plan_store has just found empty and unlisted needs no clearing
         empty = staging in self._empty
